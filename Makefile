@@ -1,0 +1,40 @@
+# dqtool developer commands. Everything installs into a project-local virtual environment (.venv).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/default
+RUN ?= runs/demo
+
+.PHONY: install demo test test-all bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on the embedded default data: synthetic domains -> patch cache -> summary
+# -> MAE features -> DQ selection at rate 0.1 (later stages append here).
+demo: install
+	$(BIN)/dqtool data $(DATA)
+	$(BIN)/dqtool patches $(DATA)/fluo/train $(DATA)/histo/train $(DATA)/multi/train --out $(RUN)/train.h5
+	$(BIN)/dqtool info $(RUN)/train.h5
+
+# The whole test suite, as CI runs it (slow end-to-end runs excluded; `make test-all` includes them).
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+# Benchmarks (pytest-benchmark), kept out of the test run; JSON lands in .benchmarks/.
+bench: install
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-autosave --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf $(VENV) runs .benchmarks .pytest_cache

@@ -1,0 +1,24 @@
+"""Test configuration shared by every test module.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined, so the Triton paths run on this
+CPU-only machine in the interpreter (small sizes, big blocks).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real labelled samples (read through dqtool's own readers, never copied)."""
+    if not REAL.is_dir():
+        pytest.skip(f"shared real data not found at {REAL}")
+    return REAL

@@ -1,0 +1,3 @@
+"""Data commands: ``dqtool data``, ``dqtool patches``, ``dqtool info``."""
+
+COMMANDS = []
