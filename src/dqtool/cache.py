@@ -1,0 +1,506 @@
+"""The HDF5 patch cache: sliding-window patches of a dataset, readable with h5py alone.
+
+Schema (``schema_version`` 1; N patches of S x S with C channels, M source images, K domains)::
+
+    /images          uint8  (N, S, S, C)  per-source-image normalised intensities, one patch per chunk
+    /labels          uint32 (N, S, S)     consecutive instance ids per patch, 0 = background (if labelled)
+    /patch_source    int32  (N,)          index into /sources
+    /patch_domain    int32  (N,)          index into /domains
+    /patch_offset    int32  (N, 2)        (y, x) of the patch's top-left corner in its source image
+    /sources         str    (M,)          source image paths
+    /source_labels   str    (M,)          label file per source ("" when unlabelled)
+    /source_shape    int32  (M, 2)        (H, W) of each source image
+    /source_domain   int32  (M,)          index into /domains
+    /domains         str    (K,)          domain names
+    /derived/<name>/ groups added later (features, bins), each with attribute complete = 1
+    attributes: dqtool_version, schema_version, patch_size, stride, edge, channels, normalisation,
+                compression, input_hash, options (JSON), content_hash, n_patches, has_labels, complete
+
+Crash safety: a cache is written to ``CACHE.h5.tmp-<pid>`` and renamed onto ``CACHE.h5`` only when
+complete (attribute ``complete`` = 1 set last), so a killed run never leaves a file that reads as a
+complete cache, and an older cache at that path survives until the new one is whole. Derived groups are
+written with a completion flag set last; a group without it reads back as missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .datasets import Dataset, Sample
+from .errors import InputError
+from .io import normalise_percentile, relabel_consecutive, to_gray
+from .patches import EDGE_MODES, count_windows, iter_patches
+from .progress import bar
+
+SCHEMA_VERSION = 1
+CHANNEL_MODES = ("gray", "rgb")
+NORMALISATIONS = ("percentile", "minmax", "none")
+COMPRESSIONS = ("lzf", "gzip", "none")
+DEFAULT_COMPRESSION = "lzf"  # chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Everything that changes the bytes of a cache besides its inputs."""
+
+    size: int = 224
+    stride: int = 112
+    edge: str = "shift"
+    channels: str = "gray"
+    normalisation: str = "percentile"
+    compression: str = DEFAULT_COMPRESSION
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise ValueError(f"patch size must be >= 8, got {self.size}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        for name, value, allowed in (("edge", self.edge, EDGE_MODES), ("channels", self.channels, CHANNEL_MODES),
+                                     ("normalisation", self.normalisation, NORMALISATIONS),
+                                     ("compression", self.compression, COMPRESSIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "stride": self.stride, "edge": self.edge, "channels": self.channels,
+                "normalisation": self.normalisation, "compression": self.compression}
+
+
+# ----------------------------------------------------------------------------------------------
+# intensity handling
+
+
+def prepare_image(image: np.ndarray, channels: str = "gray", normalisation: str = "percentile") -> np.ndarray:
+    """Source image -> uint8 (H, W, C) as stored in the cache.
+
+    channels: ``gray`` = mean over colour channels (Cellpose's channels [0, 0]); ``rgb`` = keep 3 channels,
+    grayscale replicated. normalisation, per source image and channel: ``percentile`` maps the 1st
+    percentile to 0 and the 99.8th to 255 (clipped); ``minmax`` maps min..max to 0..255; ``none`` keeps
+    8-bit values and scales 16-bit (and wider) by 255 / 65535.
+    """
+    image = np.asarray(image)
+    if channels == "gray":
+        img = to_gray(image)[..., None]
+    else:
+        img = image.astype(np.float32)
+        img = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
+    if normalisation == "percentile":
+        out = normalise_percentile(img, 1.0, 99.8)
+    elif normalisation == "minmax":
+        lo = img.min(axis=(0, 1), keepdims=True)
+        hi = img.max(axis=(0, 1), keepdims=True)
+        out = np.where(hi > lo, (img - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+    else:
+        scale = 1.0 if image.dtype == np.uint8 or (image.dtype.kind == "f" and image.max() <= 255) else 255.0 / 65535.0
+        out = np.clip(img * scale, 0, 255) / 255.0
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# hashing
+
+
+def input_hash(samples: Sequence[Sample]) -> str:
+    """sha256 over, in order, each sample's fingerprint: name, domain, bytes of its image and label files."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.fingerprint().encode())
+    return h.hexdigest()
+
+
+def content_hash(input_digest: str, options: PatchOptions) -> str:
+    """Identity of a cache: its inputs and every option that changes its bytes."""
+    payload = json.dumps({"inputs": input_digest, "options": options.to_dict(), "schema": SCHEMA_VERSION},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+class PatchCache:
+    """Read-only view of a complete cache. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such cache file")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InputError(f"{self.path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+        try:
+            self._check()
+        except Exception:
+            self._h5.close()
+            raise
+        self._load_index()
+
+    def _check(self):
+        attrs = self._h5.attrs
+        if "schema_version" not in attrs or "images" not in self._h5:
+            raise InputError(f"{self.path}: not a dqtool patch cache (no schema_version/images)")
+        if int(attrs.get("complete", 0)) != 1:
+            raise InputError(f"{self.path}: cache is incomplete (a build was interrupted); rebuild it with "
+                             "`dqtool patches`")
+        if int(attrs["schema_version"]) > SCHEMA_VERSION:
+            raise InputError(f"{self.path}: cache schema {int(attrs['schema_version'])} is newer than this "
+                             f"dqtool understands ({SCHEMA_VERSION})")
+        n = int(attrs["n_patches"])
+        if self._h5["images"].shape[0] != n:
+            raise InputError(f"{self.path}: images hold {self._h5['images'].shape[0]} patches, header says {n}")
+
+    def _load_index(self):
+        h5 = self._h5
+        self.sources = np.array([s.decode() if isinstance(s, bytes) else s for s in h5["sources"][()]], dtype=object)
+        self.domains = np.array([s.decode() if isinstance(s, bytes) else s for s in h5["domains"][()]], dtype=object)
+        self.patch_source = h5["patch_source"][()]
+        self.patch_domain = h5["patch_domain"][()]
+        self.offsets = h5["patch_offset"][()]
+        self.source_shape = h5["source_shape"][()]
+
+    # metadata --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._h5.attrs["n_patches"])
+
+    @property
+    def attrs(self) -> dict:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._h5.attrs.items()}
+
+    @property
+    def patch_size(self) -> int:
+        return int(self._h5.attrs["patch_size"])
+
+    @property
+    def stride(self) -> int:
+        return int(self._h5.attrs["stride"])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self._h5["images"].shape[-1])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self._h5.attrs["has_labels"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self._h5.attrs["content_hash"])
+
+    @property
+    def options(self) -> dict:
+        return json.loads(self._h5.attrs["options"])
+
+    @property
+    def domain_of_patch(self) -> np.ndarray:
+        return self.domains[self.patch_domain]
+
+    @property
+    def source_of_patch(self) -> np.ndarray:
+        return self.sources[self.patch_source]
+
+    # arrays ----------------------------------------------------------------------------------
+    def _take(self, name: str, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise InputError(f"{self.path}: patch index {bad} is outside the cache (0..{n - 1})")
+        dset = self._h5[name]
+        if idx.size == 0:
+            return np.empty((0,) + dset.shape[1:], dset.dtype)
+        # h5py fancy indexing wants increasing unique indices; read those, then reorder.
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:
+            block = dset[int(uniq[0]):int(uniq[-1]) + 1]
+            data = block[uniq - uniq[0]]
+        else:
+            data = np.stack([dset[int(i)] for i in uniq]) if uniq.size < 8 else dset[uniq]
+        return data[inverse]
+
+    def images(self, indices) -> np.ndarray:
+        """uint8 (n, S, S, C) patches in the order of ``indices``."""
+        return self._take("images", indices)
+
+    def images_float(self, indices) -> np.ndarray:
+        """float32 (n, S, S, C) in [0, 1]."""
+        return self.images(indices).astype(np.float32) / 255.0
+
+    def labels(self, indices) -> np.ndarray:
+        """uint32 (n, S, S) label patches (consecutive ids per patch)."""
+        if not self.has_labels:
+            raise InputError(f"{self.path}: this cache was built from unlabelled images")
+        return self._take("labels", indices)
+
+    def torch_images(self, indices):
+        """torch float32 (n, C, S, S) in [0, 1]."""
+        import torch
+
+        return torch.from_numpy(self.images_float(indices)).permute(0, 3, 1, 2).contiguous()
+
+    def indices_of_domain(self, domain: str) -> np.ndarray:
+        names = list(self.domains)
+        if domain not in names:
+            raise InputError(f"{self.path}: no domain {domain!r} (domains: {', '.join(names)})")
+        return np.flatnonzero(self.patch_domain == names.index(domain))
+
+    # derived groups -------------------------------------------------------------------------
+    def read_group(self, name: str):
+        """(arrays, attrs) of /derived/<name>, or None if missing or not completely written."""
+        key = f"derived/{name}"
+        if key not in self._h5:
+            return None
+        grp = self._h5[key]
+        if int(grp.attrs.get("complete", 0)) != 1:
+            return None
+        arrays = {k: grp[k][()] for k in grp.keys() if isinstance(grp[k], h5py.Dataset)}
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items() if k != "complete"}
+        return arrays, attrs
+
+    def group_names(self) -> list[str]:
+        if "derived" not in self._h5:
+            return []
+        out = []
+        self._h5["derived"].visititems(
+            lambda n, o: out.append(n) if isinstance(o, h5py.Group) and "complete" in o.attrs else None)
+        return out
+
+    def write_group(self, name: str, arrays: dict, attrs: dict | None = None) -> None:
+        """Replace /derived/<name> with ``arrays`` and ``attrs``; the completion flag is set last.
+
+        The read handle is closed and reopened around the write. Patches are never touched.
+        """
+        self._h5.close()
+        try:
+            with h5py.File(self.path, "r+") as h5:
+                key = f"derived/{name}"
+                if key in h5:
+                    del h5[key]
+                grp = h5.require_group(key)
+                for k, v in arrays.items():
+                    v = np.asarray(v)
+                    if v.dtype.kind in "UO":
+                        grp.create_dataset(k, data=np.asarray(v, dtype=object).astype(str).tolist(), dtype=_STR)
+                    else:
+                        grp.create_dataset(k, data=v)
+                for k, v in (attrs or {}).items():
+                    grp.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                h5.flush()
+                grp.attrs["complete"] = 1
+                h5.flush()
+        finally:
+            self._h5 = h5py.File(self.path, "r")
+
+    def summary(self) -> dict:
+        """Patches per domain and per source, shapes, dtypes and options (what ``dqtool info`` prints)."""
+        per_domain = {str(d): int((self.patch_domain == i).sum()) for i, d in enumerate(self.domains)}
+        per_source = {str(s): int((self.patch_source == i).sum()) for i, s in enumerate(self.sources)}
+        datasets = {k: {"shape": list(self._h5[k].shape), "dtype": str(self._h5[k].dtype),
+                        "chunks": list(self._h5[k].chunks or []), "compression": self._h5[k].compression}
+                    for k in ("images", "labels") if k in self._h5}
+        return {"path": str(self.path), "n_patches": len(self), "n_sources": len(self.sources),
+                "has_labels": self.has_labels, "patch_size": self.patch_size, "stride": self.stride,
+                "options": self.options, "dqtool_version": str(self._h5.attrs["dqtool_version"]),
+                "content_hash": self.content_hash, "patches_per_domain": per_domain,
+                "patches_per_source": per_source, "datasets": datasets, "derived": self.group_names()}
+
+    def close(self):
+        if getattr(self, "_h5", None) is not None and self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class BuildReport:
+    """What ``build_cache`` did: 'built', 'reused' or 'rebuilt', and why."""
+
+    path: Path
+    action: str
+    reason: str = ""
+    n_patches: int = 0
+    per_domain: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "action": self.action, "reason": self.reason,
+                "n_patches": self.n_patches, "per_domain": self.per_domain, "skipped": self.skipped}
+
+
+def _why_stale(path: Path, new_hash: str, new_inputs: str, options: PatchOptions) -> str | None:
+    """None if the cache at ``path`` is complete and matches; otherwise a sentence saying why not."""
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = h5.attrs
+            if int(attrs.get("complete", 0)) != 1:
+                return "the existing file is incomplete (an earlier build was interrupted)"
+            if str(attrs.get("content_hash", "")) == new_hash:
+                return None
+            old = json.loads(attrs.get("options", "{}"))
+            diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in options.to_dict().items() if old.get(k) != v]
+            if diffs:
+                return "options changed: " + ", ".join(diffs)
+            if str(attrs.get("input_hash", "")) != new_inputs:
+                return "the input images or labels changed"
+            return "the cache was written by another schema"
+    except OSError:
+        return "the existing file is not a readable HDF5 cache (truncated or corrupt)"
+
+
+def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, options: PatchOptions | None = None,
+                force: bool = False, quiet: bool = False) -> BuildReport:
+    """Cut every sample of ``datasets`` into patches and write the cache at ``out``.
+
+    Reuses an existing complete cache whose content hash matches (inputs + options); otherwise builds a
+    new one beside it and renames it into place, so the old file is replaced only by a complete one.
+    """
+    options = options or PatchOptions()
+    if isinstance(datasets, Dataset):
+        datasets = [datasets]
+    samples: list[Sample] = [s for ds in datasets for s in ds]
+    if not samples:
+        raise InputError("no images to cut into patches: " + ", ".join(str(ds.root) for ds in datasets))
+    out = Path(out)
+    if not out.parent.exists():
+        raise FileNotFoundError(f"{out.parent}: output folder does not exist")
+    digest = input_hash(samples)
+    chash = content_hash(digest, options)
+    reason = "new cache"
+    if out.exists() and not force:
+        reason = _why_stale(out, chash, digest, options)
+        if reason is None:
+            with PatchCache(out) as cache:
+                summ = cache.summary()
+            return BuildReport(out, "reused", "inputs and options match the existing cache (hash match)",
+                               summ["n_patches"], summ["patches_per_domain"])
+    elif out.exists():
+        reason = "--force"
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        per_domain = _write(samples, tmp, options, digest, chash, quiet)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    action = "built" if reason == "new cache" else "rebuilt"
+    return BuildReport(out, action, reason, sum(per_domain.values()), per_domain)
+
+
+def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: str, chash: str,
+           quiet: bool) -> dict:
+    size, stride, edge = options.size, options.stride, options.edge
+    n_chan = 1 if options.channels == "gray" else 3
+    labelled = [s.has_labels for s in samples]
+    has_labels = all(labelled)
+    if any(labelled) and not has_labels:
+        missing = [s.name for s in samples if not s.has_labels][:3]
+        raise InputError(f"some images have labels and some don't (e.g. {', '.join(missing)}): a cache is "
+                         "either fully labelled or unlabelled; pass them as separate runs")
+    domains = sorted({s.domain for s in samples}, key=[s.domain for s in samples].index)
+    comp = None if options.compression == "none" else options.compression
+    comp_opts = 1 if comp == "gzip" else None
+    per_domain = {d: 0 for d in domains}
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["complete"] = 0
+        images = h5.create_dataset("images", (0, size, size, n_chan), np.uint8, maxshape=(None, size, size, n_chan),
+                                   chunks=(1, size, size, n_chan), compression=comp, compression_opts=comp_opts)
+        labels = None
+        if has_labels:
+            labels = h5.create_dataset("labels", (0, size, size), np.uint32, maxshape=(None, size, size),
+                                       chunks=(1, size, size), compression=comp, compression_opts=comp_opts)
+        p_src, p_dom, p_off, shapes = [], [], [], []
+        n = 0
+        progress = bar(len(samples), desc="patches", quiet=quiet, unit="img")
+        for si, sample in enumerate(samples):
+            img = sample.image
+            lab = sample.labels if has_labels else None
+            if lab is not None and lab.shape != img.shape[:2]:
+                raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
+                                 f"{sample.image_path} shape {img.shape[:2]}")
+            shapes.append(img.shape[:2])
+            prepared = prepare_image(img, options.channels, options.normalisation)
+            k = count_windows(img.shape[:2], size, stride, edge)
+            if k == 0:
+                progress.update(1)
+                continue
+            images.resize(n + k, axis=0)
+            if labels is not None:
+                labels.resize(n + k, axis=0)
+            for j, (y, x, ip, lp) in enumerate(iter_patches(prepared, lab, size, stride, edge)):
+                images[n + j] = ip
+                if labels is not None:
+                    labels[n + j] = lp
+                p_off.append((y, x))
+            p_src += [si] * k
+            p_dom += [domains.index(sample.domain)] * k
+            per_domain[sample.domain] += k
+            n += k
+            progress.update(1)
+        progress.close()
+        h5.create_dataset("patch_source", data=np.asarray(p_src, np.int32))
+        h5.create_dataset("patch_domain", data=np.asarray(p_dom, np.int32))
+        h5.create_dataset("patch_offset", data=np.asarray(p_off, np.int32).reshape(-1, 2))
+        h5.create_dataset("sources", data=[str(s.image_path) for s in samples], dtype=_STR)
+        h5.create_dataset("source_labels", data=[str(s.label_path or "") for s in samples], dtype=_STR)
+        h5.create_dataset("source_shape", data=np.asarray(shapes, np.int32).reshape(-1, 2))
+        h5.create_dataset("source_domain", data=np.asarray([domains.index(s.domain) for s in samples], np.int32))
+        h5.create_dataset("domains", data=domains, dtype=_STR)
+        attrs = {"dqtool_version": __version__, "schema_version": SCHEMA_VERSION, "patch_size": size,
+                 "stride": stride, "edge": edge, "channels": options.channels,
+                 "normalisation": options.normalisation, "compression": options.compression,
+                 "input_hash": digest, "options": json.dumps(options.to_dict(), sort_keys=True),
+                 "content_hash": chash, "n_patches": n, "has_labels": has_labels}
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        h5.flush()
+        h5.attrs["complete"] = 1
+    return per_domain
+
+
+def build_cache_from_arrays(path: str | os.PathLike, images: Sequence[np.ndarray],
+                            labels: Sequence[np.ndarray] | None, names: Sequence[str], domain: str = "default",
+                            size: int = 224, stride: int = 112, edge: str = "shift", channels: str = "gray",
+                            quiet: bool = True) -> Path:
+    """Build a cache from in-memory arrays (tests and notebooks); same schema and rules as files."""
+    from .datasets import ArraySample
+
+    if labels is not None and len(labels) != len(images):
+        raise InputError(f"{len(images)} images but {len(labels)} label maps")
+    samples = [ArraySample(name=n, domain=domain, array=np.asarray(im),
+                           label_array=None if labels is None else relabel_consecutive(
+                               np.asarray(labels[i])))
+               for i, (im, n) in enumerate(zip(images, names))]
+    ds = Dataset(samples=samples, root=Path(str(path)), format="arrays")
+    build_cache([ds], path, PatchOptions(size=size, stride=stride, edge=edge, channels=channels), quiet=quiet,
+                force=True)
+    return Path(path)
+
+
+def iter_caches(paths: Iterable[str | os.PathLike]):
+    for p in paths:
+        yield PatchCache(p)
