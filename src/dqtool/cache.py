@@ -504,3 +504,26 @@ def build_cache_from_arrays(path: str | os.PathLike, images: Sequence[np.ndarray
 def iter_caches(paths: Iterable[str | os.PathLike]):
     for p in paths:
         yield PatchCache(p)
+
+
+def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os.PathLike,
+                             domains: Sequence[str] | None = None, format: str | None = None,
+                             split: str = "train", options: PatchOptions | None = None, force: bool = False,
+                             quiet: bool = False) -> BuildReport:
+    """Open each folder with its layout's reader and build one cache (what ``dqtool patches`` runs).
+
+    ``domains``: none (each folder's own name, or its parent's for train/test folders), one name for
+    all folders, or one name per folder.
+    """
+    from .datasets import open_dataset
+
+    if not sources:
+        raise InputError("no input folders given")
+    domains = list(domains or [])
+    if len(domains) not in (0, 1, len(sources)):
+        raise InputError(f"give --domain once, or once per input folder ({len(sources)}), not {len(domains)} times")
+    if len(domains) == 1:
+        domains = domains * len(sources)
+    datasets = [open_dataset(src, format=format, domain=domains[i] if domains else None, split=split)
+                for i, src in enumerate(sources)]
+    return build_cache(datasets, out, options, force=force, quiet=quiet)
