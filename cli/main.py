@@ -13,6 +13,7 @@ from .common import Context
 # Modules that define one or more Click commands in a module-level ``COMMANDS`` list.
 COMMAND_MODULES = [
     "dqtool_cli.cmd_data",
+    "dqtool_cli.cmd_train",
 ]
 
 
