@@ -67,27 +67,25 @@ def semantic_counts_reference(p_ref: np.ndarray, p_test: np.ndarray, ref_index: 
     return union, flips, agree
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
+def _semantic_row(p, q, threshold):
+    # branch-free so LLVM vectorises it; fastmath only reorders the float sum
+    n_union = 0
+    n_flip = 0
+    s = 0.0
+    for x in range(p.shape[0]):
+        f = p[x] > threshold
+        g = q[x] > threshold
+        n_union += f | g
+        n_flip += f ^ g
+        s += np.float64(math.sqrt(p[x] * q[x])) * (f & g)
+    return n_union, n_flip, s
+
+
 @numba.njit(cache=True, nogil=True)
 def _semantic_numba(p_ref, p_test, ref_index, threshold, union, flips, agree):
     for b in range(p_test.shape[0]):
-        r = ref_index[b]
-        n_union = 0
-        n_flip = 0
-        s = 0.0
-        for x in range(p_test.shape[1]):
-            p = p_ref[r, x]
-            q = p_test[b, x]
-            f = p > threshold
-            g = q > threshold
-            if f or g:
-                n_union += 1
-                if f and g:
-                    s += math.sqrt(np.float64(p) * np.float64(q))
-                else:
-                    n_flip += 1
-        union[b] = n_union
-        flips[b] = n_flip
-        agree[b] = s
+        union[b], flips[b], agree[b] = _semantic_row(p_ref[ref_index[b]], p_test[b], threshold)
 
 
 def semantic_counts_numba(p_ref: np.ndarray, p_test: np.ndarray, ref_index: np.ndarray,
@@ -258,6 +256,50 @@ def _rehash(keys, counts):
     return new_keys, new_counts
 
 
+@numba.njit(cache=True, boundscheck=False)
+def _rand_row(u, v, r, a, b, keys, counts, stride):
+    """One image row of the fused pass; returns how many new (i, j) keys it added to the table."""
+    h, w = u.shape
+    mask = np.int64(keys.shape[0] - 1)
+    added = 0
+    last_key = np.int64(_EMPTY)
+    last_slot = np.int64(0)
+    row, test_row = u[r], v[r]
+    # outside the image a neighbour reads as the pixel's own row, so it never makes a boundary
+    up = u[r - 1] if r > 0 else row
+    down = u[r + 1] if r < h - 1 else row
+    for c in range(w):
+        x = row[c]
+        y = test_row[c]
+        if (x | y) == 0:
+            continue
+        if x == 0:
+            b[y] += 1  # a singleton of u inside a v instance
+            continue
+        left = row[c - 1] if c > 0 else x
+        right = row[c + 1] if c < w - 1 else x
+        if (up[c] != x) | (down[c] != x) | (left != x) | (right != x):
+            continue  # boundary band of the reference instances
+        a[x] += 1
+        if y == 0:
+            continue
+        b[y] += 1
+        key = np.int64(x) * stride + np.int64(y)
+        if key == last_key:  # runs of one (i, j) pair are the common case
+            counts[last_slot] += 1
+            continue
+        s = _slot(key, mask)
+        while keys[s] != _EMPTY and keys[s] != key:
+            s = (s + 1) & mask
+        if keys[s] == _EMPTY:
+            keys[s] = key
+            added += 1
+        counts[s] += 1
+        last_key = key
+        last_slot = s
+    return added
+
+
 @numba.njit(cache=True)
 def _rand_numba(u, v, n_u, n_v, capacity):
     h, w = u.shape
@@ -265,41 +307,13 @@ def _rand_numba(u, v, n_u, n_v, capacity):
     b = np.zeros(n_v + 1, np.int64)
     keys = np.full(capacity, _EMPTY, np.int64)
     counts = np.zeros(capacity, np.int64)
-    mask = np.int64(capacity - 1)
     used = 0
-    last_key = np.int64(_EMPTY)
-    last_slot = np.int64(0)
     stride = np.int64(n_v + 1)
     for r in range(h):
-        for c in range(w):
-            x = u[r, c]
-            y = v[r, c]
-            if x == 0 and y == 0:
-                continue
-            if x > 0 and ((r > 0 and u[r - 1, c] != x) or (r < h - 1 and u[r + 1, c] != x)
-                          or (c > 0 and u[r, c - 1] != x) or (c < w - 1 and u[r, c + 1] != x)):
-                continue  # boundary band of the reference instances
-            if x > 0:
-                a[x] += 1
-            if y > 0:
-                b[y] += 1
-            if x > 0 and y > 0:
-                key = np.int64(x) * stride + np.int64(y)
-                if key == last_key:  # runs of one (i, j) pair are the common case
-                    counts[last_slot] += 1
-                    continue
-                s = _slot(key, mask)
-                while keys[s] != _EMPTY and keys[s] != key:
-                    s = (s + 1) & mask
-                if keys[s] == _EMPTY:
-                    keys[s] = key
-                    used += 1
-                counts[s] += 1
-                last_key, last_slot = key, s
-                if 2 * used > keys.shape[0]:  # keep the load factor below 1/2
-                    keys, counts = _rehash(keys, counts)
-                    mask = np.int64(keys.shape[0] - 1)
-                    last_key = np.int64(_EMPTY)
+        # a row adds at most w keys: grow before it so the load factor stays below 1/2
+        while 2 * (used + w) > keys.shape[0]:
+            keys, counts = _rehash(keys, counts)
+        used += _rand_row(u, v, r, a, b, keys, counts, stride)
     same = np.int64(0)
     for i in range(keys.shape[0]):
         n = counts[i]
@@ -352,7 +366,7 @@ def rand_pair_counts_numba(u: np.ndarray, v: np.ndarray):
     u, v, n_u, n_v = _prepare_labels(u, v)
     u = np.ascontiguousarray(u)
     v = np.ascontiguousarray(v)
-    capacity = _next_pow2(4 * (n_u + n_v) + 64)
+    capacity = _next_pow2(4 * (n_u + n_v) + 4 * u.shape[1] + 64)
     same, ref, test = _rand_numba(u, v, n_u, n_v, capacity)
     return int(same), int(ref), int(test)
 
