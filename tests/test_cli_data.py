@@ -44,7 +44,7 @@ def test_data_patches_info(runner, tmp_path):
                             "--out", str(cache), "--quiet"])
     assert "reused" in r.output
     r = runner.invoke(cli, ["info", str(cache)])
-    assert r.exit_code == 0 and "patches: 16" in r.output and "lzf" in r.output
+    assert r.exit_code == 0 and "patches: 16" in r.output and "gzip" in r.output
     r = runner.invoke(cli, ["info", str(cache), "--json"])
     assert json.loads(r.output)["patches_per_domain"] == {"fluo": 8, "histo": 8}
 

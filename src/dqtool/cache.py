@@ -45,7 +45,7 @@ SCHEMA_VERSION = 1
 CHANNEL_MODES = ("gray", "rgb")
 NORMALISATIONS = ("percentile", "minmax", "none")
 COMPRESSIONS = ("lzf", "gzip", "none")
-DEFAULT_COMPRESSION = "lzf"  # chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
+DEFAULT_COMPRESSION = "gzip"  # level 1; chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -220,14 +220,15 @@ class PatchCache:
         dset = self._h5[name]
         if idx.size == 0:
             return np.empty((0,) + dset.shape[1:], dset.dtype)
-        # h5py fancy indexing wants increasing unique indices; read those, then reorder.
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:
+        # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
+        uniq = np.unique(idx)
+        if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
             block = dset[int(uniq[0]):int(uniq[-1]) + 1]
-            data = block[uniq - uniq[0]]
-        else:
-            data = np.stack([dset[int(i)] for i in uniq]) if uniq.size < 8 else dset[uniq]
-        return data[inverse]
+            return block[idx - uniq[0]]
+        out = np.empty((idx.size,) + dset.shape[1:], dset.dtype)
+        for k, i in enumerate(idx):
+            dset.read_direct(out, np.s_[int(i)], np.s_[k])
+        return out
 
     def images(self, indices) -> np.ndarray:
         """uint8 (n, S, S, C) patches in the order of ``indices``."""
