@@ -1,0 +1,445 @@
+"""Instance matching between a true and a predicted label map: sparse overlap, IoU, matching.
+
+The field's instance scores (stardist ``matching``, cellpose ``metrics.average_precision``) rest on
+the overlap of every (true, pred) pair of instances,
+
+    IoU(i, j) = |T_i ∩ P_j| / (|T_i| + |P_j| - |T_i ∩ P_j|),
+
+and on a matching at threshold t: a one-to-one assignment of true to predicted instances that
+maximises the number of pairs with IoU >= t and, among those, the sum of IoUs (the oracles solve
+this with a Hungarian solver on the cost -[IoU >= t] - IoU / (2 min(n_true, n_pred))). Then
+tp = |matches|, fp = n_pred - tp, fn = n_true - tp, and the sum of matched IoUs feeds panoptic
+quality (Kirillov et al., "Panoptic Segmentation", CVPR 2019, Eq. 1).
+
+For t >= 0.5 no solver is needed. IoU(i, j) >= 0.5 means 3|T_i ∩ P_j| >= |T_i| + |P_j|, so P_j has at
+least half of its pixels in T_i (and T_i in P_j). Above 0.5 a pair is therefore unique on both sides.
+At exactly 0.5 one instance B can tie with two others A1, A2, but only when A1 and A2 both lie inside
+B and tile it (B = A1 ∪ A2, both IoUs exactly 0.5); either choice gives one match with IoU 0.5 and
+the leftovers overlap nothing else, so a greedy pass gives the oracles' tp and matched-IoU sum.
+Below 0.5 the matching is solved exactly per connected component of the overlap graph with the
+oracles' cost (global optimum = sum of the component optima, since pairs across components cost 0).
+
+Paths: ``overlap_numba`` (one pass over the pixels, a hash table of (true, pred) -> count with a run
+cache, never a dense n_true x n_pred matrix; ``nogil`` so images run in parallel threads) and
+``overlap_reference`` (plain NumPy: unique pair codes); ``match_reference`` runs scipy's Hungarian
+solver on the dense IoU matrix for every threshold and defines the result. ``match_instances`` is the
+dispatch. IoUs are float64; thresholds are compared as ``count / union >= t`` in float64 (stardist
+rounds IoUs to float32 first, which can only differ within ~6e-8 of a threshold).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numba
+import numpy as np
+
+# Ids above this multiple of the pixel count are renumbered first, so per-id arrays stay small.
+_DENSE_ID_FACTOR = 4
+_U64 = np.uint64
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Sparse overlap of two label maps.
+
+    ``true_ids``/``pred_ids``: the ids present (ascending, background excluded); ``true_sizes``/
+    ``pred_sizes``: their pixel counts; ``pair_true``/``pair_pred``: indices into those arrays of every
+    overlapping pair, sorted by (true, pred); ``pair_count``: |T_i ∩ P_j|; ``n_pixels``: image size.
+    """
+
+    true_ids: np.ndarray
+    pred_ids: np.ndarray
+    true_sizes: np.ndarray
+    pred_sizes: np.ndarray
+    pair_true: np.ndarray
+    pair_pred: np.ndarray
+    pair_count: np.ndarray
+    n_pixels: int
+
+    @property
+    def n_true(self) -> int:
+        return int(self.true_ids.size)
+
+    @property
+    def n_pred(self) -> int:
+        return int(self.pred_ids.size)
+
+    @property
+    def iou(self) -> np.ndarray:
+        """IoU of every overlapping pair, float64."""
+        union = self.true_sizes[self.pair_true] + self.pred_sizes[self.pair_pred] - self.pair_count
+        return self.pair_count / union
+
+    def foreground_counts(self) -> tuple[int, int, int, int]:
+        """Pixel counts on binary foreground (label > 0): (tp, fp, fn, tn)."""
+        tp = int(self.pair_count.sum())
+        fp = int(self.pred_sizes.sum()) - tp
+        fn = int(self.true_sizes.sum()) - tp
+        return tp, fp, fn, self.n_pixels - tp - fp - fn
+
+
+@dataclass(frozen=True)
+class Match:
+    """Matching at one threshold: counts and the sum of matched IoUs."""
+
+    thresh: float
+    tp: int
+    fp: int
+    fn: int
+    n_true: int
+    n_pred: int
+    sum_matched_iou: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Input preparation (shared by both paths)
+
+
+def _compact(y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flatten to a contiguous uint32 id array; renumber only when ids are too large for per-id arrays.
+
+    Returns (flat ids, id map or None): with a map, flat id k stands for original id map[k].
+    """
+    flat = np.ascontiguousarray(y).ravel()
+    if flat.size == 0:
+        return flat.astype(np.uint32), None
+    top = int(flat.max())
+    if top <= _DENSE_ID_FACTOR * flat.size + 1024:
+        if flat.dtype != np.uint32 and flat.dtype != np.uint16:
+            flat = flat.astype(np.uint32)
+        return flat, None
+    ids, inverse = np.unique(flat, return_inverse=True)
+    if ids[0] != 0:  # keep 0 as background
+        ids = np.concatenate([[0], ids])
+        inverse = inverse + 1
+    return inverse.astype(np.uint32).ravel(), ids
+
+
+# ---------------------------------------------------------------------------------------------
+# numba path
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hash_slot(keys, key, mask):
+    """Open addressing, linear probing; Fibonacci hashing of the int64 pair key."""
+    h = (_U64(key) * _U64(0x9E3779B97F4A7C15)) >> _U64(29)
+    slot = np.int64(h) & mask
+    while keys[slot] != -1 and keys[slot] != key:
+        slot = (slot + 1) & mask
+    return slot
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_grow(keys, counts):
+    """Double the table (kept at most half full)."""
+    new_keys = np.full(2 * keys.size, -1, np.int64)
+    new_counts = np.zeros(2 * keys.size, np.int64)
+    mask = new_keys.size - 1
+    for s in range(keys.size):
+        if keys[s] != -1:
+            slot = _hash_slot(new_keys, keys[s], mask)
+            new_keys[slot] = keys[s]
+            new_counts[slot] = counts[s]
+    return new_keys, new_counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _overlap_kernel(t, p, max_t, max_p):
+    """One pass: per-id sizes (dense, length max id + 1) and (true, pred) -> count for both > 0."""
+    true_size = np.zeros(max_t + 1, np.int64)
+    pred_size = np.zeros(max_p + 1, np.int64)
+    keys = np.full(4096, -1, np.int64)
+    counts = np.zeros(4096, np.int64)
+    mask = keys.size - 1
+    n_used = 0
+    cached_pred = np.full(max_t + 1, -1, np.int64)  # per true id: its last pred id and table slot
+    cached_slot = np.zeros(max_t + 1, np.int64)
+    stride = np.int64(max_p) + 1
+    last_a = np.int64(-1)
+    last_b = np.int64(-1)
+    run = 0
+    for i in range(t.size + 1):
+        if i < t.size:
+            a = np.int64(t[i])
+            b = np.int64(p[i])
+            if a == last_a and b == last_b:  # neighbours mostly repeat the pair: count runs
+                run += 1
+                continue
+        else:
+            a = np.int64(-1)
+            b = np.int64(-1)
+        if run > 0:  # flush the finished run of (last_a, last_b)
+            true_size[last_a] += run
+            pred_size[last_b] += run
+            if last_a != 0 and last_b != 0:
+                if cached_pred[last_a] == last_b:  # the true id's previous pair: skip the hash
+                    counts[cached_slot[last_a]] += run
+                else:
+                    key = last_a * stride + last_b
+                    slot = _hash_slot(keys, key, mask)
+                    if keys[slot] == -1:
+                        keys[slot] = key
+                        n_used += 1
+                    counts[slot] += run
+                    cached_pred[last_a] = last_b
+                    cached_slot[last_a] = slot
+                    if 2 * n_used > keys.size:
+                        keys, counts = _hash_grow(keys, counts)
+                        mask = keys.size - 1
+                        cached_pred[:] = -1  # slots moved
+        last_a = a
+        last_b = b
+        run = 1
+    pair_key = np.empty(n_used, np.int64)
+    pair_count = np.empty(n_used, np.int64)
+    k = 0
+    for s in range(keys.size):
+        if keys[s] != -1:
+            pair_key[k] = keys[s]
+            pair_count[k] = counts[s]
+            k += 1
+    order = np.argsort(pair_key)
+    pair_key = pair_key[order]
+    pair_count = pair_count[order]
+    return true_size, pred_size, pair_key // stride, pair_key % stride, pair_count
+
+
+def _finish(true_size, pred_size, pair_a, pair_b, pair_count, map_t, map_p, n_pixels) -> Overlap:
+    """Dense per-id sizes + pairs of raw ids -> Overlap with indices into the present ids."""
+    t_present = np.flatnonzero(true_size[1:]) + 1
+    p_present = np.flatnonzero(pred_size[1:]) + 1
+    t_index = np.searchsorted(t_present, pair_a)
+    p_index = np.searchsorted(p_present, pair_b)
+    true_ids = t_present if map_t is None else map_t[t_present]
+    pred_ids = p_present if map_p is None else map_p[p_present]
+    return Overlap(true_ids.astype(np.int64), pred_ids.astype(np.int64),
+                   true_size[t_present].astype(np.int64), pred_size[p_present].astype(np.int64),
+                   t_index.astype(np.int64), p_index.astype(np.int64), pair_count.astype(np.int64),
+                   int(n_pixels))
+
+
+def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"label maps differ in shape: true {y_true.shape}, pred {y_pred.shape}")
+
+
+def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
+    """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    _check_pair(y_true, y_pred)
+    t, map_t = _compact(y_true)
+    p, map_p = _compact(y_pred)
+    max_t = int(t.max()) if t.size else 0
+    max_p = int(p.max()) if p.size else 0
+    true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_t, max_p)
+    return _finish(true_size, pred_size, a, b, c, map_t, map_p, t.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def overlap_reference(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
+    """Sparse overlap by plain NumPy: unique (true, pred) codes over the foreground pixels."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    _check_pair(y_true, y_pred)
+    t = y_true.ravel().astype(np.uint64)
+    p = y_pred.ravel().astype(np.uint64)
+    t_ids, t_sizes = np.unique(t[t != 0], return_counts=True)
+    p_ids, p_sizes = np.unique(p[p != 0], return_counts=True)
+    both = (t != 0) & (p != 0)
+    ti = np.searchsorted(t_ids, t[both])
+    pi = np.searchsorted(p_ids, p[both])
+    code = ti.astype(np.int64) * max(p_ids.size, 1) + pi
+    codes, counts = np.unique(code, return_counts=True)
+    stride = max(p_ids.size, 1)
+    return Overlap(t_ids.astype(np.int64), p_ids.astype(np.int64), t_sizes.astype(np.int64),
+                   p_sizes.astype(np.int64), codes // stride, codes % stride, counts.astype(np.int64),
+                   int(t.size))
+
+
+def match_reference(ov: Overlap, thresholds: Sequence[float]) -> list[Match]:
+    """Definition of the matching: Hungarian solver on the dense IoU matrix, the oracles' cost."""
+    from scipy.optimize import linear_sum_assignment
+
+    n_true, n_pred = ov.n_true, ov.n_pred
+    iou = np.zeros((n_true, n_pred))
+    iou[ov.pair_true, ov.pair_pred] = ov.iou
+    out = []
+    n_min = min(n_true, n_pred)
+    for thr in thresholds:
+        tp, total = 0, 0.0
+        if n_min > 0:
+            cost = -(iou >= thr).astype(float) - iou / (2 * n_min)
+            rows, cols = linear_sum_assignment(cost)
+            ok = iou[rows, cols] >= thr
+            tp = int(ok.sum())
+            total = float(iou[rows, cols][ok].sum())
+        out.append(Match(float(thr), tp, n_pred - tp, n_true - tp, n_true, n_pred, total))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching without a dense matrix
+
+
+@numba.njit(cache=True, nogil=True)
+def _greedy_kernel(pair_true, pair_pred, iou, n_true, n_pred, thr):
+    """Matching for thr >= 0.5: every candidate pair is unique except exact 0.5 ties (see module doc)."""
+    used_t = np.zeros(n_true, np.bool_)
+    used_p = np.zeros(n_pred, np.bool_)
+    tp = 0
+    total = 0.0
+    for k in range(iou.size):
+        if iou[k] >= thr:
+            i = pair_true[k]
+            j = pair_pred[k]
+            if not used_t[i] and not used_p[j]:
+                used_t[i] = True
+                used_p[j] = True
+                tp += 1
+                total += iou[k]
+    return tp, total
+
+
+def _match_below_half(ov: Overlap, iou: np.ndarray, thr: float) -> tuple[int, float]:
+    """Exact matching for thr < 0.5: the oracles' cost solved per connected component."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keep = iou > 0
+    a, b, w = ov.pair_true[keep], ov.pair_pred[keep], iou[keep]
+    if w.size == 0 or not np.any(w >= thr):
+        return 0, 0.0
+    n_true, n_pred = ov.n_true, ov.n_pred
+    graph = coo_matrix((np.ones(w.size), (a, n_true + b)), shape=(n_true + n_pred,) * 2)
+    _, comp = connected_components(graph, directed=False)
+    n_min = min(n_true, n_pred)
+    edge_comp = comp[a]
+    order = np.argsort(edge_comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(edge_comp[order])) + 1
+    tp, total = 0, 0.0
+    for group in np.split(order, bounds):
+        gw = w[group]
+        if not np.any(gw >= thr):
+            continue
+        if group.size == 1:
+            tp += 1
+            total += float(gw[0])
+            continue
+        rows, ri = np.unique(a[group], return_inverse=True)
+        cols, ci = np.unique(b[group], return_inverse=True)
+        sub = np.zeros((rows.size, cols.size))
+        sub[ri, ci] = gw
+        cost = -(sub >= thr).astype(float) - sub / (2 * n_min)
+        r, c = linear_sum_assignment(cost)
+        ok = sub[r, c] >= thr
+        tp += int(ok.sum())
+        total += float(sub[r, c][ok].sum())
+    return tp, total
+
+
+def match_sparse(ov: Overlap, thresholds: Sequence[float]) -> list[Match]:
+    """Matching on the sparse overlap: greedy for t >= 0.5, exact per component below."""
+    iou = ov.iou
+    out = []
+    for thr in thresholds:
+        thr = float(thr)
+        if thr >= 0.5:
+            tp, total = _greedy_kernel(ov.pair_true, ov.pair_pred, iou, ov.n_true, ov.n_pred, thr)
+        else:
+            tp, total = _match_below_half(ov, iou, thr)
+        tp = int(tp)
+        out.append(Match(thr, tp, ov.n_pred - tp, ov.n_true - tp, ov.n_true, ov.n_pred, float(total)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    thresholds = tuple(float(t) for t in np.atleast_1d(thresholds))
+    if not thresholds or any(not (0.0 < t <= 1.0) for t in thresholds):
+        raise ValueError(f"IoU thresholds must lie in (0, 1], got {thresholds}")
+    return thresholds
+
+
+def overlap(y_true: np.ndarray, y_pred: np.ndarray, method: str = "numba") -> Overlap:
+    """Sparse overlap by ``method``: 'numba' (default) or 'reference' (NumPy)."""
+    if method == "numba":
+        return overlap_numba(y_true, y_pred)
+    if method == "reference":
+        return overlap_reference(y_true, y_pred)
+    raise ValueError(f"method must be 'numba' or 'reference', got {method!r}")
+
+
+def match_instances(y_true: np.ndarray, y_pred: np.ndarray, thresholds: Sequence[float] = (0.5,),
+                    method: str = "numba") -> tuple[Overlap, list[Match]]:
+    """Overlap and matching of one image pair at each threshold; returns (overlap, matches)."""
+    thresholds = _check_thresholds(thresholds)
+    ov = overlap(y_true, y_pred, method)
+    matches = match_sparse(ov, thresholds) if method == "numba" else match_reference(ov, thresholds)
+    return ov, matches
+
+
+def match_many(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Sequence[float] = (0.5,),
+               method: str = "numba", workers: int | None = None):
+    """``match_instances`` over many image pairs, in parallel threads (the numba kernels drop the GIL).
+
+    Yields (overlap, matches) in input order.
+    """
+    thresholds = _check_thresholds(thresholds)
+    workers = workers or min(8, max(1, _cpu_count()))
+    if workers == 1:
+        for y_true, y_pred in pairs:
+            yield match_instances(y_true, y_pred, thresholds, method)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(lambda pair: match_instances(pair[0], pair[1], thresholds, method), pairs)
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel (binary foreground) counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _foreground_kernel(t, p):
+    tp = 0
+    fp = 0
+    fn = 0
+    for i in range(t.size):
+        a = t[i] != 0
+        b = p[i] != 0
+        tp += a & b
+        fp += b & (not a)
+        fn += a & (not b)
+    return tp, fp, fn
+
+
+def foreground_counts(y_true: np.ndarray, y_pred: np.ndarray, method: str = "numba") -> tuple[int, int, int, int]:
+    """Pixel counts on binary foreground (label > 0): (tp, fp, fn, tn), one pass."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    _check_pair(y_true, y_pred)
+    if method == "reference":
+        t, p = y_true != 0, y_pred != 0
+        tp, fp, fn = int(np.sum(t & p)), int(np.sum(~t & p)), int(np.sum(t & ~p))
+    elif method == "numba":
+        tp, fp, fn = (int(v) for v in _foreground_kernel(np.ascontiguousarray(y_true).ravel(),
+                                                         np.ascontiguousarray(y_pred).ravel()))
+    else:
+        raise ValueError(f"method must be 'numba' or 'reference', got {method!r}")
+    return tp, fp, fn, y_true.size - tp - fp - fn
