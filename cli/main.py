@@ -14,6 +14,7 @@ from .common import Context
 COMMAND_MODULES = [
     "dqtool_cli.cmd_data",
     "dqtool_cli.cmd_train",
+    "dqtool_cli.cmd_eval",
 ]
 
 

@@ -207,6 +207,8 @@ class EvaluationResult:
 
 def _score_pair(item, thresholds, empty_value, instance_empty_value) -> dict:
     name, domain, y_true, y_pred = item
+    y_true = y_true() if callable(y_true) else y_true  # lazy loaders are read in the worker thread
+    y_pred = y_pred() if callable(y_pred) else y_pred
     y_true, y_pred = _check_pair(y_true, y_pred, name=str(name))
     ov, matches = _matching.match_instances(y_true, y_pred, thresholds)
     row = {"name": str(name), "domain": str(domain)}
@@ -233,7 +235,8 @@ def evaluate(pairs: Iterable[tuple[str, str, np.ndarray, np.ndarray]], threshold
     """Score every (name, domain, y_true, y_pred) pair and aggregate per domain and over 'all'.
 
     Pairs are consumed lazily, a few at a time, and scored in parallel threads (the numba kernels
-    release the GIL). ``on_error='raise'`` stops at the first bad pair (InputError naming it);
+    release the GIL); ``y_true``/``y_pred`` may also be zero-argument callables that load the arrays,
+    called in the worker thread. ``on_error='raise'`` stops at the first bad pair (InputError naming it);
     ``'collect'`` records it in ``.errors`` and scores the rest.
     """
     if on_error not in ("raise", "collect"):
@@ -247,7 +250,7 @@ def evaluate(pairs: Iterable[tuple[str, str, np.ndarray, np.ndarray]], threshold
     def score(item):
         try:
             return _score_pair(item, thresholds, empty_value, instance_empty_value)
-        except (InputError, ValueError) as exc:
+        except (ValueError, OSError) as exc:  # InputError, unreadable or missing files
             if on_error == "raise":
                 raise
             return exc
