@@ -13,7 +13,10 @@ from .common import Context
 # Modules that define one or more Click commands in a module-level ``COMMANDS`` list.
 COMMAND_MODULES = [
     "dqtool_cli.cmd_data",
+    "dqtool_cli.cmd_embed",
     "dqtool_cli.cmd_train",
+    "dqtool_cli.cmd_rank",
+    "dqtool_cli.cmd_select",
     "dqtool_cli.cmd_eval",
 ]
 

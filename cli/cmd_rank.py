@@ -1,0 +1,46 @@
+"""Ranking command: ``dqtool rank`` (label-free model ranking by consistency, CTE)."""
+
+from __future__ import annotations
+
+import click
+
+from dqtool.perturb import DEFAULT_STRENGTH, PERTURBATIONS
+from dqtool.rank import SCORES
+
+from .common import is_quiet, quiet_option, user_errors
+
+_STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
+
+
+@click.command("rank")
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", required=True, type=click.Path(exists=True),
+              help="Unlabelled target images (a folder of one size and bit depth, or one file).")
+@click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Optional label folder: validates the ranking against F1 and mean accuracy.")
+@click.option("--perturb", "perturbation", type=click.Choice(PERTURBATIONS), default="dropout", show_default=True,
+              help="dropout: channel dropout at CPnet's bottleneck; others perturb the normalised input.")
+@click.option("--strength", type=float, default=None, help=f"Perturbation strength (defaults: {_STRENGTHS}).")
+@click.option("--score", type=click.Choice(SCORES), default="adapted_rand", show_default=True,
+              help="Consistency that orders the models.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of dropout channels and noise.")
+@click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Cell diameter in px (default: each model's training diameter).")
+@click.option("--out", type=click.Path(file_okay=False), default="rank", show_default=True,
+              help="Folder for ranking.{csv,md,json}, per_image.*, rank.json, ranking.png.")
+@quiet_option
+@user_errors
+def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, diameter, out, quiet):
+    """Rank the Cellpose models in MODELS_DIR on target images without labels."""
+    from dqtool.rank import format_result, rank_models
+
+    if strength is not None and perturbation == "dropout" and not 0 < strength < 1:
+        raise click.BadParameter(f"dropout strength must lie in (0, 1), got {strength}", param_hint="--strength")
+    result = rank_models(models_dir, images, labels=labels, perturbation=perturbation, strength=strength, out=out,
+                         score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet))
+    click.echo(format_result(result), nl=False)
+    click.echo(f"{out}/rank.json: {len(result.ranked)} ranked, "
+               f"{len(result.models) - len(result.ranked)} failed, {len(result.skipped)} skipped")
+
+
+COMMANDS = [rank_cmd]
