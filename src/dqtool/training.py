@@ -447,6 +447,7 @@ def train_patches(images: np.ndarray, labels: np.ndarray, out: str | os.PathLike
     paths = sidecar_paths(out)
     provenance = dict(provenance or {})
     if init is not None:
+        load_state_dict(init)  # a bad model fails here, before anything is written
         provenance["init"] = {"path": str(check_model_path(init)), "sha256": file_digest(check_model_path(init))}
     else:
         provenance["init"] = None
