@@ -70,22 +70,42 @@ def semantic_counts_reference(p_ref: np.ndarray, p_test: np.ndarray, ref_index: 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
 def _semantic_row(p, q, threshold):
     # branch-free so LLVM vectorises it; fastmath only reorders the float sum
+    # The EI sum runs in float32 within a block (<= a few thousand pixels, 8 SIMD lanes) and in
+    # float64 across blocks: relative error ~1e-6, twice the SIMD width of a float64 sum.
     n_union = 0
     n_flip = 0
-    s = 0.0
+    s = np.float32(0.0)
     for x in range(p.shape[0]):
         f = p[x] > threshold
         g = q[x] > threshold
         n_union += f | g
         n_flip += f ^ g
-        s += np.float64(math.sqrt(p[x] * q[x])) * (f & g)
-    return n_union, n_flip, s
+        s += math.sqrt(p[x] * q[x]) * np.float32(f & g)
+    return n_union, n_flip, np.float64(s)
 
 
 @numba.njit(cache=True, nogil=True)
-def _semantic_numba(p_ref, p_test, ref_index, threshold, union, flips, agree):
-    for b in range(p_test.shape[0]):
-        union[b], flips[b], agree[b] = _semantic_row(p_ref[ref_index[b]], p_test[b], threshold)
+def _semantic_numba(p_ref, p_test, ref_index, threshold, union, flips, agree, block):
+    # Pairs sharing a reference row are swept together, block by block, so each reference block is
+    # read from memory once and stays in cache for all its test rows (the pass is memory-bound).
+    order = np.argsort(ref_index, kind="mergesort")
+    n = p_test.shape[1]
+    g = 0
+    while g < order.shape[0]:
+        r = ref_index[order[g]]
+        e = g
+        while e < order.shape[0] and ref_index[order[e]] == r:
+            e += 1
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            ref_block = p_ref[r, start:stop]
+            for t in range(g, e):
+                b = order[t]
+                nu, nf, s = _semantic_row(ref_block, p_test[b, start:stop], threshold)
+                union[b] += nu
+                flips[b] += nf
+                agree[b] += s
+        g = e
 
 
 def semantic_counts_numba(p_ref: np.ndarray, p_test: np.ndarray, ref_index: np.ndarray,
@@ -96,7 +116,7 @@ def semantic_counts_numba(p_ref: np.ndarray, p_test: np.ndarray, ref_index: np.n
     ref_index = np.ascontiguousarray(ref_index, np.int64)
     b = p_test.shape[0]
     union, flips, agree = np.zeros(b, np.int64), np.zeros(b, np.int64), np.zeros(b, np.float64)
-    _semantic_numba(p_ref, p_test, ref_index, np.float32(threshold), union, flips, agree)
+    _semantic_numba(p_ref, p_test, ref_index, np.float32(threshold), union, flips, agree, 2048)
     return union, flips, agree
 
 
