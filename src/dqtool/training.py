@@ -269,7 +269,7 @@ def check_channels(channels: Sequence[int], n_channels: int, where: str) -> None
                          "use channels 0,0 (or build the cache with colour channels)")
 
 
-def prepare_patches(images: np.ndarray, labels: np.ndarray, channels: Sequence[int],
+def prepare_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], channels: Sequence[int],
                     min_train_masks: int):
     """Cellpose training inputs from cache patches.
 
@@ -281,18 +281,18 @@ def prepare_patches(images: np.ndarray, labels: np.ndarray, channels: Sequence[i
     from cellpose import dynamics, models
     from cellpose.train import _reshape_norm
 
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim == 3:
-        images = images[..., None]
-    n_masks = np.array([np.unique(lb[lb > 0]).size for lb in labels], dtype=np.int64)
+    images = [np.asarray(im) for im in images]  # patches may come from caches of different sizes
+    n_masks = np.array([np.unique(np.asarray(lb)[np.asarray(lb) > 0]).size for lb in labels], dtype=np.int64)
     keep = np.nonzero(n_masks >= max(min_train_masks, 1))[0]
     if keep.size == 0:
         return [], [], keep, n_masks
-    rgb = images.shape[-1] == 3
-    imgs = [images[i] if rgb else images[i, ..., 0] for i in keep]
     norm = {**models.normalize_default, "normalize": True}  # a copy: Cellpose mutates its module default
-    data = _reshape_norm(imgs, channels=list(channels), channel_axis=2 if rgb else None, normalize_params=norm)
+    data = []
+    for i in keep:
+        im = images[i][..., 0] if images[i].ndim == 3 and images[i].shape[-1] == 1 else images[i]
+        rgb = im.ndim == 3
+        data += _reshape_norm([im], channels=list(channels), channel_axis=2 if rgb else None,
+                              normalize_params=norm)
     data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
     label_copies = [np.array(labels[i], dtype=np.int64, copy=True) for i in keep]
     import torch
@@ -435,7 +435,7 @@ def _say(msg: str, quiet: bool) -> None:
 # public entry points
 
 
-def train_patches(images: np.ndarray, labels: np.ndarray, out: str | os.PathLike, config: TrainConfig,
+def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], out: str | os.PathLike, config: TrainConfig,
                   init: str | os.PathLike | None = None, provenance: dict | None = None, resume: bool = False,
                   stop_after: int | None = None, quiet: bool = False) -> TrainResult:
     """Train on in-memory patches (uint8 (n, S, S, C), labels (n, S, S)) and write the model to ``out``.
