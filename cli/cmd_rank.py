@@ -43,4 +43,25 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
                f"{len(result.models) - len(result.ranked)} failed, {len(result.skipped)} skipped")
 
 
-COMMANDS = [rank_cmd]
+@click.command("rank-study")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/rank_study", show_default=True,
+              help="Folder for the data, the model bank, both rankings and the study tables.")
+@click.option("--target", type=click.Choice(["fluo", "histo", "multi"]), default="fluo", show_default=True,
+              help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, subsets, training, perturbations.")
+@click.option("--quick", is_flag=True, help="12-24 epochs of 8 patches per model instead of 15-40 of 16 (CPU budget).")
+@quiet_option
+@user_errors
+def rank_study_cmd(out, target, seed, quick, quiet):
+    """Evidence: train a bank of 6 graded models on the embedded domains and rank it on TARGET."""
+    from dqtool.rank_study import DEFAULT_BANK, QUICK_BANK, rank_study
+    from dqtool.tables import format_markdown
+
+    summary = rank_study(out, target=target, seed=seed, members=QUICK_BANK if quick else DEFAULT_BANK,
+                         nimg_per_epoch=8 if quick else 16, n_test=4 if quick else 6, quiet=is_quiet(quiet))
+    click.echo(format_markdown(summary["rows"]), nl=False)
+    click.echo(format_markdown(summary["correlations"]), nl=False)
+    click.echo(f"{out}/study.md, {out}/study_correlations.md, {out}/study.png")
+
+
+COMMANDS = [rank_cmd, rank_study_cmd]

@@ -261,3 +261,28 @@ def test_normalise_for_model_is_cellposes_normalisation():
     img = (blob_image(3) * 1000 + 50).astype(np.uint16)
     want = transforms.normalize99(img.astype(np.float32))
     np.testing.assert_allclose(R.normalise_for_model(img), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_study_glue(tmp_path, monkeypatch):
+    """The study's wiring (data, bank folder, rankings, tables, plot) with the training step replaced
+    by random networks; the real bank is trained by ``dqtool rank-study`` (README evidence)."""
+    from dqtool import rank_study as S
+
+    def fake_bank(data, out, members, **kwargs):
+        (out / "bank").mkdir(parents=True, exist_ok=True)
+        paths = [out / "bank" / f"{m.name}.pth" for m in members]
+        for seed, path in enumerate(paths):
+            save_cpnet(path, seed=seed)
+        return paths
+
+    monkeypatch.setattr(S, "build_bank", fake_bank)
+    members = (S.BankMember("fluo", 1), S.BankMember("histo", 1, 0.5))
+    summary = S.rank_study(tmp_path, members=members, perturbations=("dropout",), n_train=1, n_test=1, size=96)
+    assert {r["model"] for r in summary["rows"]} == {"fluo_r100_e001", "histo_r050_e001"}
+    assert all("dropout_rank" in r and "f1" in r for r in summary["rows"])
+    assert [c["perturbation"] for c in summary["correlations"]] == ["dropout", "dropout"]
+    for name in ("study.csv", "study.md", "study_correlations.md", "study_summary.json", "study.png",
+                 "rank_dropout/rank.json"):
+        assert (tmp_path / name).exists(), name
+    with pytest.raises(InputError, match="target"):
+        S.rank_study(tmp_path, target="mars")
