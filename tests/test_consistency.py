@@ -198,3 +198,16 @@ def test_rand_property_matches_skimage(seed, n_u, n_v):
     else:
         assert got == pytest.approx(want, abs=1e-9)
         assert 0.0 <= got <= 1.0
+
+
+def test_semantic_consistency_torch_input_on_the_triton_path():
+    import torch
+
+    rng = np.random.default_rng(8)
+    prob = rng.random((2, 16, 16)).astype(np.float32)
+    pert = rng.random((3, 2, 16, 16)).astype(np.float32)
+    want = C.semantic_consistency(prob[None], pert, device="numpy")
+    got = C.semantic_consistency(torch.from_numpy(prob[None]), torch.from_numpy(pert), device="triton")
+    np.testing.assert_allclose(got.nhd, want.nhd, atol=1e-12)
+    np.testing.assert_allclose(got.effective_invariance, want.effective_invariance, rtol=1e-5)
+    np.testing.assert_array_equal(got.union, want.union)
