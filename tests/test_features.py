@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import h5py
 import numpy as np
 import pytest
@@ -259,3 +261,26 @@ def test_cli_embed(cache_path, tmp_path):
     assert run.exit_code == 1
     assert "short.npy" in run.output and "Traceback" not in run.output
     assert load_features(cache_path).shape == (n, 192)  # nothing overwritten
+
+
+def test_corrupt_saved_mae_is_retrained_to_the_same_weights(cache_path):
+    feats = embed_cache(cache_path, **FAST)
+    saved = next(cache_path.parent.glob("c.mae-*.pt"))
+    state = saved.read_bytes()
+    saved.write_bytes(b"killed mid-write")
+    with pytest.warns(UserWarning, match="retraining the default MAE"):
+        again = embed_cache(cache_path, **FAST)
+    np.testing.assert_array_equal(again, feats)
+    reloaded = torch.load(saved, weights_only=True)["model"]
+    original = torch.load(io.BytesIO(state), weights_only=True)["model"]
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_stored_non_finite_features_are_refused(cache_path):
+    feats = embed_cache(cache_path, **FAST)
+    with PatchCache(cache_path) as c:
+        _, attrs = c.read_group(FEATURES_GROUP)
+        feats[3, 1] = np.nan
+        c.write_group(FEATURES_GROUP, {"features": feats}, attrs)
+    with pytest.raises(InputError, match="NaN or inf"):
+        load_features(cache_path)

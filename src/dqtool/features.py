@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import h5py
@@ -375,7 +376,7 @@ def embed_cache(cache_path, weights=None, features_file=None, epochs=None, seed=
             config = CONFIGS[DEFAULT_CONFIG]
             epochs = auto_epochs(n) if epochs is None else int(epochs)
             path = default_mae_path(cache, config, epochs, seed, batch_size)
-            model = _load_default(path, quiet)
+            model = _load_default(path)
             if model is None:
                 model, losses = pretrain_mae(cache, config, epochs, seed, batch_size, quiet)
                 save_mae(model, path, {"cache_hash": cache.content_hash, "epochs": epochs, "seed": int(seed),
@@ -393,15 +394,14 @@ def embed_cache(cache_path, weights=None, features_file=None, epochs=None, seed=
         return _store(cache, feats, meta)
 
 
-def _load_default(path: Path, quiet: bool) -> MaskedAutoencoderViT | None:
+def _load_default(path: Path) -> MaskedAutoencoderViT | None:
     """The saved default MAE at ``path``, or None to (re)train it if it is missing or unreadable."""
     if not path.exists():
         return None
     try:
         return load_mae_weights(path)
     except InputError as exc:
-        if not quiet:
-            print(f"warning: retraining the default MAE: {exc}")
+        warnings.warn(f"retraining the default MAE: {exc}", stacklevel=3)
         return None
 
 
@@ -417,7 +417,7 @@ def load_features(cache, expect_encoder: str | None = None) -> np.ndarray:
     """The stored float32 (N, D) features of ``cache`` (path or PatchCache).
 
     Raises InputError when none are stored, when they were computed for another cache content
-    (``cache_hash`` differs), when their row count is not N, or, if ``expect_encoder`` (an encoder hash)
+    (``cache_hash`` differs), when their row count is not N or a value is not finite, or, if ``expect_encoder`` (an encoder hash)
     is given, when they come from another encoder; the message tells the user to run ``dqtool embed``.
     """
     with _opened(cache) as c:
@@ -431,6 +431,8 @@ def load_features(cache, expect_encoder: str | None = None) -> np.ndarray:
                              f"{attrs.get('cache_hash')!s:.12} != {c.content_hash:.12}); {hint}")
         if feats.ndim != 2 or feats.shape[0] != len(c):
             raise InputError(f"{c.path}: stored features have shape {feats.shape}, expected ({len(c)}, D); {hint}")
+        if not np.isfinite(feats).all():
+            raise InputError(f"{c.path}: stored features hold NaN or inf values; {hint}")
         if expect_encoder is not None and attrs.get("encoder_hash") != expect_encoder:
             raise InputError(f"{c.path}: stored features come from another encoder; {hint}")
         return np.asarray(feats, dtype=np.float32)
