@@ -17,7 +17,7 @@ from .common import is_quiet, quiet_option, user_errors
 @click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Your own (N, D) features instead of an encoder: .npy or HDF5 ('features' dataset).")
 @click.option("--epochs", type=click.IntRange(1), default=None,
-              help="Pretraining epochs of the default MAE  [default: ceil(4000 / N) in 1..20]")
+              help="Pretraining epochs of the default MAE  [default: ceil(2000 / N) in 1..15]")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Seed of the default MAE's pretraining.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,

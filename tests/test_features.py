@@ -69,8 +69,8 @@ def test_to_model_input_gray_replication_resize_and_standardisation():
 
 
 def test_auto_epochs():
-    assert auto_epochs(200) == 20 and auto_epochs(1000) == 4 and auto_epochs(10_063) == 1
-    assert auto_epochs(1) == 20
+    assert auto_epochs(200) == 10 and auto_epochs(1000) == 2 and auto_epochs(992) == 3
+    assert auto_epochs(10_063) == 1 and auto_epochs(154) == 13 and auto_epochs(1) == 15
 
 
 # -- default MAE: training, saving, reuse, determinism --------------------------------------------

@@ -59,8 +59,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_RECIPE = "x/255; gray->3ch; bilinear-antialias to img_size; imagenet mean/std; no mask; mean patch tokens"
 # Same for the default pretraining recipe (part of the saved MAE's file name).
 TRAIN_RECIPE = "adamw b(0.9,0.95) wd0.05 lr1e-3*bs/64 warmup5% cosine; mask0.75; flips+rot90; v1"
-PRETRAIN_IMAGE_BUDGET = 4000  # images seen by the default pretraining: ~1.5 min on 2 idle CPU cores
-MAX_AUTO_EPOCHS = 20
+PRETRAIN_IMAGE_BUDGET = 2000  # images seen by the default pretraining: ~1 min on 2 idle CPU cores
+MAX_AUTO_EPOCHS = 15
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,8 +91,8 @@ def to_model_input(patches: np.ndarray, config: MAEConfig) -> torch.Tensor:
 
 
 def auto_epochs(n_patches: int) -> int:
-    """Default epoch count: about PRETRAIN_IMAGE_BUDGET images in all, ceil(4000 / N), kept in [1, 20]
-    (20 epochs of 200 patches, 4 of 1,000, 1 from 4,000 on)."""
+    """Default epoch count: about PRETRAIN_IMAGE_BUDGET images in all, ceil(2000 / N), kept in [1, 15]
+    (10 epochs of 200 patches, 2 of 1,000, 1 from 2,000 on)."""
     return int(min(MAX_AUTO_EPOCHS, max(1, math.ceil(PRETRAIN_IMAGE_BUDGET / max(1, n_patches)))))
 
 
