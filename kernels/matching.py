@@ -97,29 +97,36 @@ class Match:
 # ---------------------------------------------------------------------------------------------
 # Input preparation (shared by both paths)
 
+# dtypes the numba kernels are compiled for (each is a separate, cached compilation); the small
+# ones are widened to int32 (cheap), so a fresh install compiles five variants, not nine.
+_KERNEL_DTYPES = (np.uint16, np.uint32, np.uint64, np.int32, np.int64)
 
-def _compact(y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flatten to a contiguous uint32 id array; renumber only when ids are too large for per-id arrays.
 
-    Returns (flat ids, id map or None): with a map, flat id k stands for original id map[k].
-    """
+def _flat_ids(y: np.ndarray) -> np.ndarray:
+    """A flat view of an integer label map (a copy only when not contiguous or of a small dtype)."""
     flat = np.ascontiguousarray(y).ravel()
-    if flat.size == 0:
-        return flat.astype(np.uint32), None
-    top = int(flat.max())
-    if top <= _DENSE_ID_FACTOR * flat.size + 1024:
-        if flat.dtype != np.uint32 and flat.dtype != np.uint16:
-            flat = flat.astype(np.uint32)
-        return flat, None
+    if flat.dtype.type in _KERNEL_DTYPES:
+        return flat
+    if flat.dtype == np.bool_ or np.issubdtype(flat.dtype, np.integer):
+        return flat.astype(np.int32)
+    raise ValueError(f"label maps must be integer arrays, got {flat.dtype}")
+
+
+def _renumber(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids too large for per-id arrays: renumber to 0..k keeping 0 as background; returns (ids, id map)."""
     ids, inverse = np.unique(flat, return_inverse=True)
-    if ids[0] != 0:  # keep 0 as background
-        ids = np.concatenate([[0], ids])
+    if ids[0] != 0:
+        ids = np.concatenate([np.zeros(1, ids.dtype), ids])
         inverse = inverse + 1
     return inverse.astype(np.uint32).ravel(), ids
 
 
 # ---------------------------------------------------------------------------------------------
 # numba path
+
+_BLOCK = 16  # pixels compared at once against the current run (SIMD-friendly)
+_WAYS = 4  # per true id, the table slots of its last 4 pairs: most runs repeat one of them
+_TOO_LARGE, _NEGATIVE = 1, 2
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -147,52 +154,103 @@ def _hash_grow(keys, counts):
 
 
 @numba.njit(cache=True, nogil=True)
-def _overlap_kernel(t, p, max_t, max_p):
-    """One pass: per-id sizes (dense, length max id + 1) and (true, pred) -> count for both > 0."""
-    true_size = np.zeros(max_t + 1, np.int64)
-    pred_size = np.zeros(max_p + 1, np.int64)
+def _grown(arr, size, fill):
+    out = np.full((size,) + arr.shape[1:], fill, arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot, cached_next):
+    """Add a finished run of ``run`` pixels with pair (a, b) to the sizes and the pair table.
+
+    Returns the new number of used slots (the caller grows arrays: returning arrays from here would
+    cost reference counting on every run).
+    """
+    true_size[a] += run
+    pred_size[b] += run
+    if a != 0 and b != 0:
+        for w in range(_WAYS):
+            if cached_pred[a, w] == b:  # a recent pair of this true id: no hashing
+                counts[cached_slot[a, w]] += run
+                return n_used
+        key = (a << 32) | b
+        slot = _hash_slot(keys, key, keys.size - 1)
+        if keys[slot] == -1:
+            keys[slot] = key
+            n_used += 1
+        counts[slot] += run
+        w = cached_next[a]
+        cached_pred[a, w] = b
+        cached_slot[a, w] = slot
+        cached_next[a] = (w + 1) % _WAYS
+    return n_used
+
+
+@numba.njit(cache=True, nogil=True)
+def _overlap_kernel(t, p, max_id):
+    """One pass: per-id sizes and (true, pred) -> count for both > 0; no dense n_true x n_pred matrix.
+
+    Neighbouring pixels mostly repeat the (true, pred) pair, so the pass counts runs of equal pairs
+    (whole blocks of 16 at a time when they match) and touches the table only when a run ends; a
+    4-way per-true-id cache of recent pairs skips most hash lookups. Per-id arrays grow with the
+    largest id seen. Returns (status, true sizes, pred sizes, pair true ids, pair pred ids, counts);
+    status _TOO_LARGE: an id above ``max_id`` (renumber first), _NEGATIVE: a negative id.
+    """
+    n = t.size
+    start_size = min(n, 1 << 12) + 1
+    true_size = np.zeros(start_size, np.int64)
+    pred_size = np.zeros(start_size, np.int64)
+    cached_pred = np.full((start_size, _WAYS), -1, np.int64)  # per true id: recent pred ids, their slots
+    cached_slot = np.zeros((start_size, _WAYS), np.int64)
+    cached_next = np.zeros(start_size, np.int64)
     keys = np.full(4096, -1, np.int64)
     counts = np.zeros(4096, np.int64)
-    mask = keys.size - 1
     n_used = 0
-    cached_pred = np.full(max_t + 1, -1, np.int64)  # per true id: its last pred id and table slot
-    cached_slot = np.zeros(max_t + 1, np.int64)
-    stride = np.int64(max_p) + 1
-    last_a = np.int64(-1)
-    last_b = np.int64(-1)
+    empty = np.empty(0, np.int64)
+    if n == 0:
+        return 0, true_size[:1], pred_size[:1], empty, empty, empty
+    last_a = t[0]  # kept in the arrays' own dtypes so the block compare vectorises
+    last_b = p[0]
     run = 0
-    for i in range(t.size + 1):
-        if i < t.size:
-            a = np.int64(t[i])
-            b = np.int64(p[i])
-            if a == last_a and b == last_b:  # neighbours mostly repeat the pair: count runs
+    for j0 in range(n // _BLOCK + 1):
+        begin = j0 * _BLOCK
+        stop = min(begin + _BLOCK, n + 1)  # the index n flushes the last run
+        if stop - begin == _BLOCK and stop <= n:
+            same = 0
+            for j in range(begin, stop):
+                same += (t[j] == last_a) & (p[j] == last_b)
+            if same == _BLOCK:
+                run += _BLOCK
+                continue
+        for j in range(begin, stop):
+            if j < n and t[j] == last_a and p[j] == last_b:
                 run += 1
                 continue
-        else:
-            a = np.int64(-1)
-            b = np.int64(-1)
-        if run > 0:  # flush the finished run of (last_a, last_b)
-            true_size[last_a] += run
-            pred_size[last_b] += run
-            if last_a != 0 and last_b != 0:
-                if cached_pred[last_a] == last_b:  # the true id's previous pair: skip the hash
-                    counts[cached_slot[last_a]] += run
-                else:
-                    key = last_a * stride + last_b
-                    slot = _hash_slot(keys, key, mask)
-                    if keys[slot] == -1:
-                        keys[slot] = key
-                        n_used += 1
-                    counts[slot] += run
-                    cached_pred[last_a] = last_b
-                    cached_slot[last_a] = slot
-                    if 2 * n_used > keys.size:
-                        keys, counts = _hash_grow(keys, counts)
-                        mask = keys.size - 1
-                        cached_pred[:] = -1  # slots moved
-        last_a = a
-        last_b = b
-        run = 1
+            a = np.int64(last_a)
+            b = np.int64(last_b)
+            if a < 0 or b < 0:
+                return _NEGATIVE, true_size, pred_size, empty, empty, empty
+            if a >= true_size.size or b >= pred_size.size:
+                if a > max_id or b > max_id:
+                    return _TOO_LARGE, true_size, pred_size, empty, empty, empty
+                if a >= true_size.size:
+                    size = max(2 * true_size.size, a + 1)
+                    true_size = _grown(true_size, size, 0)
+                    cached_pred = _grown(cached_pred, size, -1)
+                    cached_slot = _grown(cached_slot, size, 0)
+                    cached_next = _grown(cached_next, size, 0)
+                if b >= pred_size.size:
+                    pred_size = _grown(pred_size, max(2 * pred_size.size, b + 1), 0)
+            n_used = _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot,
+                            cached_next)
+            if 2 * n_used > keys.size:  # keep the table at most half full
+                keys, counts = _hash_grow(keys, counts)
+                cached_pred[:] = -1  # slots moved
+            if j < n:
+                last_a = t[j]
+                last_b = p[j]
+                run = 1
     pair_key = np.empty(n_used, np.int64)
     pair_count = np.empty(n_used, np.int64)
     k = 0
@@ -203,12 +261,11 @@ def _overlap_kernel(t, p, max_t, max_p):
             k += 1
     order = np.argsort(pair_key)
     pair_key = pair_key[order]
-    pair_count = pair_count[order]
-    return true_size, pred_size, pair_key // stride, pair_key % stride, pair_count
+    return 0, true_size, pred_size, pair_key >> 32, pair_key & 0xFFFFFFFF, pair_count[order]
 
 
 def _finish(true_size, pred_size, pair_a, pair_b, pair_count, map_t, map_p, n_pixels) -> Overlap:
-    """Dense per-id sizes + pairs of raw ids -> Overlap with indices into the present ids."""
+    """Per-id sizes + pairs of raw ids -> Overlap with indices into the present ids."""
     t_present = np.flatnonzero(true_size[1:]) + 1
     p_present = np.flatnonzero(pred_size[1:]) + 1
     t_index = np.searchsorted(t_present, pair_a)
@@ -227,14 +284,22 @@ def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> None:
 
 
 def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
-    """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix)."""
+    """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix).
+
+    Ids up to 4 x the pixel count (and < 2^32) index per-id arrays directly; larger ids are
+    renumbered first (np.unique) and mapped back.
+    """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     _check_pair(y_true, y_pred)
-    t, map_t = _compact(y_true)
-    p, map_p = _compact(y_pred)
-    max_t = int(t.max()) if t.size else 0
-    max_p = int(p.max()) if p.size else 0
-    true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_t, max_p)
+    t, p = _flat_ids(y_true), _flat_ids(y_pred)
+    max_id = min(_DENSE_ID_FACTOR * t.size + 1024, 2**32 - 1)
+    status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_id)
+    map_t = map_p = None
+    if status == _NEGATIVE:
+        raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
+    if status == _TOO_LARGE:
+        (t, map_t), (p, map_p) = _renumber(t), _renumber(p)
+        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_id)
     return _finish(true_size, pred_size, a, b, c, map_t, map_p, t.size)
 
 
@@ -418,16 +483,19 @@ def _cpu_count() -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _foreground_kernel(t, p):
-    tp = 0
-    fp = 0
-    fn = 0
+    """Counts of true foreground, predicted foreground, both, and negative ids (branch-free, vectorises)."""
+    n_true = 0
+    n_pred = 0
+    both = 0
+    negative = 0
     for i in range(t.size):
         a = t[i] != 0
         b = p[i] != 0
-        tp += a & b
-        fp += b & (not a)
-        fn += a & (not b)
-    return tp, fp, fn
+        n_true += a
+        n_pred += b
+        both += a & b
+        negative += (t[i] < 0) | (p[i] < 0)
+    return n_true, n_pred, both, negative
 
 
 def foreground_counts(y_true: np.ndarray, y_pred: np.ndarray, method: str = "numba") -> tuple[int, int, int, int]:
@@ -435,11 +503,15 @@ def foreground_counts(y_true: np.ndarray, y_pred: np.ndarray, method: str = "num
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     _check_pair(y_true, y_pred)
     if method == "reference":
+        if (y_true < 0).any() or (y_pred < 0).any():
+            raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
         t, p = y_true != 0, y_pred != 0
         tp, fp, fn = int(np.sum(t & p)), int(np.sum(~t & p)), int(np.sum(t & ~p))
     elif method == "numba":
-        tp, fp, fn = (int(v) for v in _foreground_kernel(np.ascontiguousarray(y_true).ravel(),
-                                                         np.ascontiguousarray(y_pred).ravel()))
+        n_true, n_pred, tp, negative = (int(v) for v in _foreground_kernel(_flat_ids(y_true), _flat_ids(y_pred)))
+        if negative:
+            raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
+        fp, fn = n_pred - tp, n_true - tp
     else:
         raise ValueError(f"method must be 'numba' or 'reference', got {method!r}")
     return tp, fp, fn, y_true.size - tp - fp - fn

@@ -42,7 +42,6 @@ import numpy as np
 from dqtool_kernels import matching as _matching
 
 from .errors import InputError
-from .io import check_label_array
 from .progress import bar as progress_bar
 
 PIXEL_METRICS = ("iou", "dice", "precision", "recall", "accuracy", "pq_proxy")
@@ -120,13 +119,35 @@ def instance_scores_from_counts(thresh: float, tp: int, fp: int, fn: int, sum_ma
 
 
 def _check_pair(y_true, y_pred, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """2-D integer maps of one shape. Negative ids are found by the kernels' own pass (no extra pass)."""
     where = f"{name}: " if name else ""
-    y_true = check_label_array(y_true, name=f"{where}y_true")
-    y_pred = check_label_array(y_pred, name=f"{where}y_pred")
-    if y_true.shape != y_pred.shape:
-        raise InputError(f"{where}shape mismatch: y_true {y_true.shape} vs y_pred {y_pred.shape}; "
+    checked = []
+    for arr, which in ((y_true, "y_true"), (y_pred, "y_pred")):
+        arr = np.asarray(arr)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 2:
+            raise InputError(f"{where}{which}: expected a 2-D instance label map, got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"{where}{which}: labels are floating point ({arr.dtype}); expected an integer "
+                             "instance map (0 = background, one id per object)")
+        if not (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"{where}{which}: unsupported label type {arr.dtype}; expected integers")
+        checked.append(arr)
+    if checked[0].shape != checked[1].shape:
+        raise InputError(f"{where}shape mismatch: y_true {checked[0].shape} vs y_pred {checked[1].shape}; "
                          "expected the same 2-D shape")
-    return y_true, y_pred
+    return checked[0], checked[1]
+
+
+def _kernel_call(func, *args, name: str = ""):
+    """Run a kernel; its ValueError for negative ids becomes an InputError naming the pair."""
+    try:
+        return func(*args)
+    except ValueError as exc:
+        if "negative" not in str(exc):
+            raise
+        raise InputError(f"{name + ': ' if name else ''}{exc}") from None
 
 
 def pixel_scores(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.0) -> PixelScores:
@@ -135,7 +156,8 @@ def pixel_scores(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.
     ``empty_value`` is the score when both maps have no foreground (0.0 reproduces the seed's code).
     """
     y_true, y_pred = _check_pair(y_true, y_pred)
-    return pixel_scores_from_counts(*_matching.foreground_counts(y_true, y_pred), empty_value=empty_value)
+    counts = _kernel_call(_matching.foreground_counts, y_true, y_pred)
+    return pixel_scores_from_counts(*counts, empty_value=empty_value)
 
 
 def instance_scores(y_true: np.ndarray, y_pred: np.ndarray, thresholds: Sequence[float] | float = (0.5,),
@@ -146,7 +168,7 @@ def instance_scores(y_true: np.ndarray, y_pred: np.ndarray, thresholds: Sequence
     cellpose's ``average_precision`` (on consecutive ids: cellpose counts max id as the instance count).
     """
     y_true, y_pred = _check_pair(y_true, y_pred)
-    _, matches = _matching.match_instances(y_true, y_pred, parse_thresholds(thresholds))
+    _, matches = _kernel_call(_matching.match_instances, y_true, y_pred, parse_thresholds(thresholds))
     return [instance_scores_from_counts(m.thresh, m.tp, m.fp, m.fn, m.sum_matched_iou, empty_value)
             for m in matches]
 
@@ -210,7 +232,7 @@ def _score_pair(item, thresholds, empty_value, instance_empty_value) -> dict:
     y_true = y_true() if callable(y_true) else y_true  # lazy loaders are read in the worker thread
     y_pred = y_pred() if callable(y_pred) else y_pred
     y_true, y_pred = _check_pair(y_true, y_pred, name=str(name))
-    ov, matches = _matching.match_instances(y_true, y_pred, thresholds)
+    ov, matches = _kernel_call(_matching.match_instances, y_true, y_pred, thresholds, name=str(name))
     row = {"name": str(name), "domain": str(domain)}
     row.update(pixel_scores_from_counts(*ov.foreground_counts(), empty_value=empty_value).to_dict())
     row["n_true"], row["n_pred"] = ov.n_true, ov.n_pred
