@@ -153,3 +153,48 @@ def test_cli_sequence_and_finetune(world, tmp_path):
     res = CliRunner().invoke(cli, ["finetune", str(world["large"]), "--init", str(world["model"]), "--out",
                                    str(tmp_path / "f"), "--eval", "nodir", *common])
     assert res.exit_code == 2
+
+
+def test_experiment_runs_a_micro_study(world, tmp_path):
+    """The whole chain on two tiny domains (random selection, so no feature training)."""
+    from dqtool.experiment import run_experiment
+
+    config = {"domains": {"small": {"train": str(world["small_test"] / "test"), "test": str(world["small_test"])},
+                          "large": {"train": str(world["large_test"] / "test"), "test": str(world["large_test"])}},
+              "patch": {"size": 64, "stride": 64}, "source": "small", "targets": ["large"], "rates": [0.5],
+              "methods": ["random"], "replay_rates": [0.5], "replay_method": "random",
+              "sequences": [["small", "large"]],
+              "train": {"n_epochs": 2, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}}
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps(config))
+    from dqtool_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(tmp_path / "study"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "study"
+    red = json.loads((out / "tables" / "redundancy.json").read_text())
+    assert [(r["method"], r["rate"]) for r in red] == [("all", 1.0), ("random", 0.5)]
+    assert red[1]["patches"] == red[0]["patches"] // 2
+    transfer = json.loads((out / "tables" / "transfer.json").read_text())
+    assert [r["model"] for r in transfer] == ["source model", "naive finetune", "replay random 0.5"]
+    assert "small f1@0.50" in transfer[0]
+    seq = json.loads((out / "tables" / "sequences.json").read_text())
+    assert [r["after"] for r in seq] == ["small", "large"]
+    assert (out / "fig1_rate_curve.png").exists() and "Zero-shot" in (out / "report.md").read_text()
+    # the zero-shot row of the source equals the all-patches redundancy row (same model, same test set)
+    zero = json.loads((out / "tables" / "zero_shot.json").read_text())
+    assert zero[0]["f1@0.50"] == red[0]["f1@0.50"]
+    config["rates"] = [0.25]
+    cfg.write_text(json.dumps(config))
+    res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(out), "--quiet"])
+    assert res.exit_code == 1 and "different config" in res.output
+
+
+@pytest.mark.slow
+def test_quick_study(tmp_path):
+    """The built-in quick study (~20 min on 2 CPU cores): every table is filled."""
+    from dqtool.experiment import run_experiment
+
+    tables = run_experiment(None, tmp_path / "quick", quick=True, quiet=True)
+    assert len(tables["redundancy"]) == 5 and len(tables["transfer"]) == 6 and len(tables["sequences"]) == 3
+    assert all(np.isfinite(r["f1@0.50"]) for r in tables["redundancy"])
