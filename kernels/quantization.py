@@ -263,51 +263,101 @@ def gram_bytes(n: int) -> int:
     return 4 * n * n
 
 
+SPECULATE = 32  # candidates whose kernel rows ride along in each pass of the running-sum path
+
+
+@numba.njit(cache=True)
+def _live_scores(acc, base, alive, alpha, beta, out):
+    for i in range(acc.shape[0]):
+        out[i] = alpha * acc[i] + beta * base[i] if alive[i] else -np.inf
+
+
+def _bin_running(pool_rows, pool_sq, dup, base, size, gain, n, lam, kind, progress, speculate=SPECULATE):
+    """One bin by running sums, speculating on the next picks.
+
+    Each pass over the pool's features computes the kernel row of the newest pick together with those of
+    the ``speculate`` candidates that currently score highest (one matrix product, so about the memory
+    traffic of one matrix-vector product). Picks then proceed exactly as one step at a time; while the
+    next pick is one of the speculated candidates its row is already there and no new pass is needed.
+    The greedy order is sticky (the next pick is almost always among the current leaders), so a pass
+    yields many picks. The result does not depend on the speculation, only the number of passes does.
+    """
+    m = pool_rows.shape[0]
+    acc = np.zeros(m, dtype=np.float64)
+    alive = np.ones(m, dtype=np.bool_)
+    scores = np.empty(m, dtype=np.float64)
+    alpha, beta = _weights(gain, 0, n, lam)
+    new = _step_running(_EMPTY, pool_sq, -1, acc, base, alive, alpha, beta, kind)
+    alive[new] = False
+    picks = [new]
+    if progress is not None:
+        progress(1)
+    while len(picks) < size:
+        alpha, beta = _weights(gain, len(picks), n, lam)
+        _live_scores(acc, base, alive, alpha, beta, scores)
+        live = m - len(picks)
+        k = min(speculate, live)
+        spec = np.flatnonzero(alive) if k >= live else np.argpartition(-scores, k - 1)[:k]
+        cols = np.concatenate([[new], spec]).astype(np.int64)
+        dots = pool_rows[cols] @ pool_rows.T                   # (len(cols), m) float32
+        if dup is not None:
+            dots = dots[:, dup]
+        row_of = {int(c): r for r, c in enumerate(cols)}
+        cur = new
+        while True:
+            alpha, beta = _weights(gain, len(picks), n, lam)
+            pick = _step_running(dots[row_of[cur]], pool_sq, cur, acc, base, alive, alpha, beta, kind)
+            alive[pick] = False
+            picks.append(pick)
+            if progress is not None:
+                progress(1)
+            if len(picks) == size:
+                break
+            if pick in row_of:    # speculation hit: its kernel row is already computed
+                cur = pick
+                continue
+            new = pick
+            break
+    return picks
+
+
+def _bin_gram(gram, rep, pool, pool_sq, base, size, gain, n, lam, kind, progress):
+    """One bin with every kernel row read from the Gram matrix: O(pool) per step."""
+    acc = np.zeros(pool.shape[0], dtype=np.float64)
+    alive = np.ones(pool.shape[0], dtype=np.bool_)
+    picks = []
+    new = -1
+    for k in range(int(size)):
+        alpha, beta = _weights(gain, k, n, lam)
+        new = _step_gram(gram, rep, pool, pool_sq, new, acc, base, alive, alpha, beta, kind)
+        alive[new] = False
+        picks.append(new)
+        if progress is not None:
+            progress(1)
+    return picks
+
+
 def _form_bins_cpu(x: np.ndarray, bins: int, gain: str, lam: float, memory: int | None,
-                   progress=None) -> tuple[list[np.ndarray], str]:
+                   progress=None, speculate: int = SPECULATE) -> tuple[list[np.ndarray], str]:
     n = x.shape[0]
     rows, sq, kind = _prepare(x, gain)
     budget = DEFAULT_MEMORY if memory is None else int(memory)
     use_gram = gram_bytes(n) <= budget
-    gram = None
     groups, rep = _duplicate_groups(rows)
-    if use_gram:
-        gram = _gram(rows)
+    gram = _gram(rows) if use_gram else None
     base_all = _fixed_term(rows, sq, kind, rows) if kind == 0 else None
-    dup = None
     taken = np.zeros(n, dtype=bool)
     out = []
     for size in bin_sizes(n, bins):
         pool = np.flatnonzero(~taken)
-        if kind == 0:
-            base = base_all[pool]
+        base = base_all[pool] if kind == 0 else _fixed_term(rows[pool], sq[pool], kind, rows[pool])
+        if use_gram:
+            picks = _bin_gram(gram, rep, pool, sq[pool], base, size, gain, n, lam, kind, progress)
         else:
-            base = _fixed_term(rows[pool], sq[pool], kind, rows[pool])
-        if not use_gram:
-            pool_rows = torch.from_numpy(np.ascontiguousarray(rows[pool]))
-            dup = _pool_representatives(groups[pool])
-        pool_sq = sq[pool]
-        acc = np.zeros(pool.shape[0], dtype=np.float64)
-        alive = np.ones(pool.shape[0], dtype=np.bool_)
-        members = []
-        new = -1
-        for k in range(int(size)):
-            alpha, beta = _weights(gain, k, n, lam)
-            if use_gram:
-                pick = _step_gram(gram, rep, pool, pool_sq, new, acc, base, alive, alpha, beta, kind)
-            else:
-                dot = _EMPTY
-                if new >= 0:
-                    dot = torch.mv(pool_rows, pool_rows[new]).numpy()
-                    if dup is not None:
-                        dot = dot[dup]
-                pick = _step_running(dot, pool_sq, new, acc, base, alive, alpha, beta, kind)
-            alive[pick] = False
-            members.append(pool[pick])
-            new = pick
-            if progress is not None:
-                progress(1)
-        members = np.array(members, dtype=np.int64)
+            pool_rows = np.ascontiguousarray(rows[pool])
+            picks = _bin_running(pool_rows, sq[pool], _pool_representatives(groups[pool]), base, size, gain, n,
+                                 lam, kind, progress, max(1, int(speculate)))
+        members = pool[np.array(picks, dtype=np.int64)]
         taken[members] = True
         out.append(members)
     return out, ("gram" if use_gram else "running")

@@ -130,3 +130,15 @@ def test_bad_input():
         q.form_bins(np.zeros((3, 2)), 1, gain="other")
     with pytest.raises(ValueError, match="non-empty"):
         q.form_bins(np.zeros((0, 2)), 1)
+
+
+@pytest.mark.parametrize("speculate", [1, 3, 64])
+def test_speculation_never_changes_the_bins(speculate):
+    """The running-sum path computes rows of speculated candidates ahead; the picks must not depend on it."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(6, 10)) * 3
+    x = (centres[rng.integers(0, 6, 160)] + rng.normal(size=(160, 10))).astype(np.float32)
+    x[50] = x[51] = x[90]
+    want = q.form_bins_reference(x, 3, "paper")
+    got, path = q._form_bins_cpu(x, 3, "paper", 1.0, memory=0, speculate=speculate)
+    assert path == "running" and _same(got, want)
