@@ -27,7 +27,7 @@ trained again (their work is lost), and the progress bar's timing starts afresh.
 Files beside the model ``MODEL`` (a bare Cellpose state dict, loadable with
 ``CellposeModel(pretrained_model=MODEL)`` and the Cellpose GUI):
 ``MODEL.json`` (config, data provenance, per-epoch losses), ``MODEL_losses.csv``, ``MODEL_loss.png``
-and ``MODEL_checkpoints/`` (``epoch_NNNN`` Cellpose models and ``resume.pt``).
+and ``MODEL_checkpoints/`` (``epoch_NNNN`` Cellpose models, and ``resume.pt`` until the run finishes).
 """
 
 from __future__ import annotations
@@ -426,6 +426,15 @@ def _save_state(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr)
@@ -464,7 +473,8 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
                      f"use more than {WARMUP_EPOCHS} epochs")
     if len(images) == 0:
         raise InputError(f"{provenance.get('cache', out)}: the training set is empty (no patches selected)")
-    data, flows, keep, n_masks = prepare_patches(images, labels, config.channels, config.min_train_masks)
+    with _quiet_stderr(quiet):  # Cellpose's labels_to_flows shows its own bar
+        data, flows, keep, n_masks = prepare_patches(images, labels, config.channels, config.min_train_masks)
     n_dropped = len(images) - keep.size
     where = provenance.get("cache", str(out))
     if int(n_masks.sum()) == 0:
@@ -526,6 +536,7 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         net.save_model(str(tmp))
         os.replace(tmp, out)
+        resume_file.unlink(missing_ok=True)  # finished: the epoch_NNNN checkpoints stay, the resume state goes
         diam_labels = float(net.diam_labels.item())
 
     result = TrainResult(model=out, config=config.to_dict(), provenance=provenance,
