@@ -369,6 +369,9 @@ def _prepare_labels(u, v):
             raise ValueError(f"{name} labels must be integers, got {arr.dtype}")
         if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
             raise ValueError(f"{name} labels must be >= 0, got min {arr.min()}")
+    # numba mixes uint64 with int64 into float64: unsigned 64-bit ids go to int64 (they fit below 2**63)
+    u = u.astype(np.int64) if u.dtype == np.uint64 else u
+    v = v.astype(np.int64) if v.dtype == np.uint64 else v
     limit = 4 * u.size + 1024
     n_u = int(u.max()) if u.size else 0
     n_v = int(v.max()) if v.size else 0

@@ -211,3 +211,11 @@ def test_semantic_consistency_torch_input_on_the_triton_path():
     np.testing.assert_allclose(got.nhd, want.nhd, atol=1e-12)
     np.testing.assert_allclose(got.effective_invariance, want.effective_invariance, rtol=1e-5)
     np.testing.assert_array_equal(got.union, want.union)
+
+
+def test_rand_uint64_and_uint32_labels():
+    u = blobs((24, 28), 6, seed=9)
+    v = blobs((24, 28), 5, seed=19)
+    want = K.rand_pair_counts_reference(u, v)
+    for dtype in (np.uint16, np.uint32, np.uint64, np.int64):
+        assert K.rand_pair_counts_numba(u.astype(dtype), v.astype(dtype)) == want
