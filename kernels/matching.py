@@ -126,7 +126,18 @@ def _renumber(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 _BLOCK = 16  # pixels compared at once against the current run (SIMD-friendly)
 _WAYS = 4  # per true id, the table slots of its last 4 pairs: most runs repeat one of them
-_TOO_LARGE, _NEGATIVE = 1, 2
+_OVERFLOW = 1  # the pair table passed half load: run again with a bigger one
+
+
+@numba.njit(cache=True, nogil=True)
+def _extent(x):
+    """(min, max) of an id array in one vectorised pass."""
+    lo = x[0]
+    hi = x[0]
+    for i in range(x.size):
+        lo = min(lo, x[i])
+        hi = max(hi, x[i])
+    return np.int64(lo), np.int64(hi)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -139,122 +150,94 @@ def _hash_slot(keys, key, mask):
     return slot
 
 
-@numba.njit(cache=True, nogil=True)
-def _hash_grow(keys, counts):
-    """Double the table (kept at most half full)."""
-    new_keys = np.full(2 * keys.size, -1, np.int64)
-    new_counts = np.zeros(2 * keys.size, np.int64)
-    mask = new_keys.size - 1
-    for s in range(keys.size):
-        if keys[s] != -1:
-            slot = _hash_slot(new_keys, keys[s], mask)
-            new_keys[slot] = keys[s]
-            new_counts[slot] = counts[s]
-    return new_keys, new_counts
-
-
-@numba.njit(cache=True, nogil=True)
-def _grown(arr, size, fill):
-    out = np.full((size,) + arr.shape[1:], fill, arr.dtype)
-    out[: arr.shape[0]] = arr
-    return out
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot, cached_next):
-    """Add a finished run of ``run`` pixels with pair (a, b) to the sizes and the pair table.
-
-    Returns the new number of used slots (the caller grows arrays: returning arrays from here would
-    cost reference counting on every run).
-    """
+    """Add a run of ``run`` pixels with pair (a, b); returns the used slots, or -1 past half load."""
     true_size[a] += run
     pred_size[b] += run
     if a != 0 and b != 0:
-        for w in range(_WAYS):
-            if cached_pred[a, w] == b:  # a recent pair of this true id: no hashing
-                counts[cached_slot[a, w]] += run
-                return n_used
+        w = b & (_WAYS - 1)  # direct-mapped by the pred id's low bits: one compare, no search
+        if cached_pred[a, w] == b:  # a recent pair of this true id: no hashing
+            counts[cached_slot[a, w]] += run
+            return n_used
         key = (a << 32) | b
         slot = _hash_slot(keys, key, keys.size - 1)
         if keys[slot] == -1:
+            if 2 * (n_used + 1) > keys.size:
+                return -1
             keys[slot] = key
             n_used += 1
         counts[slot] += run
-        w = cached_next[a]
         cached_pred[a, w] = b
         cached_slot[a, w] = slot
-        cached_next[a] = (w + 1) % _WAYS
     return n_used
 
 
 @numba.njit(cache=True, nogil=True)
-def _overlap_kernel(t, p, max_id):
+def _overlap_kernel(t, p, max_t, max_p, capacity):
     """One pass: per-id sizes and (true, pred) -> count for both > 0; no dense n_true x n_pred matrix.
 
     Neighbouring pixels mostly repeat the (true, pred) pair, so the pass counts runs of equal pairs
-    (whole blocks of 16 at a time when they match) and touches the table only when a run ends; a
-    4-way per-true-id cache of recent pairs skips most hash lookups. Per-id arrays grow with the
-    largest id seen. Returns (status, true sizes, pred sizes, pair true ids, pair pred ids, counts);
-    status _TOO_LARGE: an id above ``max_id`` (renumber first), _NEGATIVE: a negative id.
+    (whole blocks of 16 at a time when they match: a fixed-length compare the compiler vectorises)
+    and touches the pair table (open addressing, ``capacity`` slots, a power of two) only when a run
+    ends; a 4-way per-true-id cache of recent pairs skips most hash lookups. Nothing is reallocated
+    inside the loop: past half load the kernel stops with _OVERFLOW and the caller runs it again with
+    a bigger table. Returns (status, true sizes, pred sizes, pair true ids, pair pred ids, counts).
     """
     n = t.size
-    start_size = min(n, 1 << 12) + 1
-    true_size = np.zeros(start_size, np.int64)
-    pred_size = np.zeros(start_size, np.int64)
-    cached_pred = np.full((start_size, _WAYS), -1, np.int64)  # per true id: recent pred ids, their slots
-    cached_slot = np.zeros((start_size, _WAYS), np.int64)
-    cached_next = np.zeros(start_size, np.int64)
-    keys = np.full(4096, -1, np.int64)
-    counts = np.zeros(4096, np.int64)
+    true_size = np.zeros(max_t + 1, np.int64)
+    pred_size = np.zeros(max_p + 1, np.int64)
+    cached_pred = np.full((max_t + 1, _WAYS), -1, np.int64)  # per true id: recent pred ids, their slots
+    cached_slot = np.zeros((max_t + 1, _WAYS), np.int64)
+    cached_next = np.zeros(max_t + 1, np.int64)
+    keys = np.full(capacity, -1, np.int64)
+    counts = np.zeros(capacity, np.int64)
     n_used = 0
     empty = np.empty(0, np.int64)
     if n == 0:
-        return 0, true_size[:1], pred_size[:1], empty, empty, empty
+        return 0, true_size, pred_size, empty, empty, empty
     last_a = t[0]  # kept in the arrays' own dtypes so the block compare vectorises
     last_b = p[0]
     run = 0
-    for j0 in range(n // _BLOCK + 1):
-        begin = j0 * _BLOCK
-        stop = min(begin + _BLOCK, n + 1)  # the index n flushes the last run
-        if stop - begin == _BLOCK and stop <= n:
-            same = 0
-            for j in range(begin, stop):
-                same += (t[j] == last_a) & (p[j] == last_b)
-            if same == _BLOCK:
-                run += _BLOCK
-                continue
-        for j in range(begin, stop):
-            if j < n and t[j] == last_a and p[j] == last_b:
+    n_blocks = n // _BLOCK
+    for block in range(n_blocks):
+        begin = block * _BLOCK
+        same = 0
+        for j in range(begin, begin + _BLOCK):
+            same += (t[j] == last_a) & (p[j] == last_b)
+        if same == _BLOCK:
+            run += _BLOCK
+            continue
+        for j in range(begin, begin + _BLOCK):
+            if t[j] == last_a and p[j] == last_b:
                 run += 1
-                continue
-            a = np.int64(last_a)
-            b = np.int64(last_b)
-            if a < 0 or b < 0:
-                return _NEGATIVE, true_size, pred_size, empty, empty, empty
-            if a >= true_size.size or b >= pred_size.size:
-                if a > max_id or b > max_id:
-                    return _TOO_LARGE, true_size, pred_size, empty, empty, empty
-                if a >= true_size.size:
-                    size = max(2 * true_size.size, a + 1)
-                    true_size = _grown(true_size, size, 0)
-                    cached_pred = _grown(cached_pred, size, -1)
-                    cached_slot = _grown(cached_slot, size, 0)
-                    cached_next = _grown(cached_next, size, 0)
-                if b >= pred_size.size:
-                    pred_size = _grown(pred_size, max(2 * pred_size.size, b + 1), 0)
-            n_used = _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot,
-                            cached_next)
-            if 2 * n_used > keys.size:  # keep the table at most half full
-                keys, counts = _hash_grow(keys, counts)
-                cached_pred[:] = -1  # slots moved
-            if j < n:
+            else:
+                n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
+                                n_used, cached_pred, cached_slot, cached_next)
+                if n_used < 0:
+                    return _OVERFLOW, true_size, pred_size, empty, empty, empty
                 last_a = t[j]
                 last_b = p[j]
                 run = 1
+    for j in range(n_blocks * _BLOCK, n):
+        if t[j] == last_a and p[j] == last_b:
+            run += 1
+        else:
+            n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
+                            n_used, cached_pred, cached_slot, cached_next)
+            if n_used < 0:
+                return _OVERFLOW, true_size, pred_size, empty, empty, empty
+            last_a = t[j]
+            last_b = p[j]
+            run = 1
+    n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts, n_used,
+                    cached_pred, cached_slot, cached_next)
+    if n_used < 0:
+        return _OVERFLOW, true_size, pred_size, empty, empty, empty
     pair_key = np.empty(n_used, np.int64)
     pair_count = np.empty(n_used, np.int64)
     k = 0
-    for s in range(keys.size):
+    for s in range(capacity):
         if keys[s] != -1:
             pair_key[k] = keys[s]
             pair_count[k] = counts[s]
@@ -286,20 +269,33 @@ def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> None:
 def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
     """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix).
 
-    Ids up to 4 x the pixel count (and < 2^32) index per-id arrays directly; larger ids are
-    renumbered first (np.unique) and mapped back.
+    A first vectorised pass finds each map's (min, max) id; ids up to 4 x the pixel count (and
+    < 2^32) index per-id arrays directly, larger ids are renumbered first (np.unique) and mapped back.
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     _check_pair(y_true, y_pred)
     t, p = _flat_ids(y_true), _flat_ids(y_pred)
-    max_id = min(_DENSE_ID_FACTOR * t.size + 1024, 2**32 - 1)
-    status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_id)
-    map_t = map_p = None
-    if status == _NEGATIVE:
+    if t.size == 0:
+        return _finish(np.zeros(1, np.int64), np.zeros(1, np.int64), *(np.empty(0, np.int64),) * 3,
+                       None, None, 0)
+    (min_t, max_t), (min_p, max_p) = _extent(t), _extent(p)
+    if min_t < 0 or min_p < 0:
         raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
-    if status == _TOO_LARGE:
-        (t, map_t), (p, map_p) = _renumber(t), _renumber(p)
-        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_id)
+    limit = min(_DENSE_ID_FACTOR * t.size + 1024, 2**32 - 1)
+    map_t = map_p = None
+    if max_t > limit:
+        t, map_t = _renumber(t)
+        max_t = map_t.size - 1
+    if max_p > limit:
+        p, map_p = _renumber(p)
+        max_p = map_p.size - 1
+    # Pairs are typically a few per instance; the table starts at twice that and grows 4x on overflow.
+    capacity = 1 << int(np.ceil(np.log2(4 * (max_t + max_p) + 4096)))
+    while True:
+        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_t, max_p, capacity)
+        if status != _OVERFLOW:
+            break
+        capacity *= 4
     return _finish(true_size, pred_size, a, b, c, map_t, map_p, t.size)
 
 
