@@ -388,7 +388,8 @@ def embed_cache(cache_path, weights=None, features_file=None, epochs=None, seed=
         meta["config"] = model.config.name
         stored = _stored(cache)
         if stored is not None and stored[1].get("encoder_hash") == meta["encoder_hash"] \
-                and stored[1].get("cache_hash") == cache.content_hash and stored[0].shape[0] == n:
+                and stored[1].get("cache_hash") == cache.content_hash and stored[0].shape[0] == n \
+                and np.isfinite(stored[0]).all():
             return np.asarray(stored[0], dtype=np.float32)
         feats = extract_features(model, cache, batch_size, quiet)
         return _store(cache, feats, meta)
@@ -417,8 +418,9 @@ def load_features(cache, expect_encoder: str | None = None) -> np.ndarray:
     """The stored float32 (N, D) features of ``cache`` (path or PatchCache).
 
     Raises InputError when none are stored, when they were computed for another cache content
-    (``cache_hash`` differs), when their row count is not N or a value is not finite, or, if ``expect_encoder`` (an encoder hash)
-    is given, when they come from another encoder; the message tells the user to run ``dqtool embed``.
+    (``cache_hash`` differs), when their row count is not N or a value is not finite, or, if
+    ``expect_encoder`` (an encoder hash) is given, when they come from another encoder; the message tells
+    the user to run ``dqtool embed``.
     """
     with _opened(cache) as c:
         stored = _stored(c)
