@@ -19,12 +19,14 @@ the leftovers overlap nothing else, so a greedy pass gives the oracles' tp and m
 Below 0.5 the matching is solved exactly per connected component of the overlap graph with the
 oracles' cost (global optimum = sum of the component optima, since pairs across components cost 0).
 
-Paths: ``overlap_numba`` (one pass over the pixels, a hash table of (true, pred) -> count with a run
-cache, never a dense n_true x n_pred matrix; ``nogil`` so images run in parallel threads) and
-``overlap_reference`` (plain NumPy: unique pair codes); ``match_reference`` runs scipy's Hungarian
-solver on the dense IoU matrix for every threshold and defines the result. ``match_instances`` is the
-dispatch. IoUs are float64; thresholds are compared as ``count / union >= t`` in float64 (stardist
-rounds IoUs to float32 first, which can only differ within ~6e-8 of a threshold).
+Paths: ``overlap_numba`` (a vectorised (min, max) pass, then one pass over the pixels that counts
+runs of equal (true, pred) pairs and adds each finished run to per-id sizes and an open-addressing
+table of (true, pred) -> count; never a dense n_true x n_pred matrix; ``nogil``, so images run in
+parallel threads) and ``overlap_reference`` (plain NumPy: unique pair codes); ``match_reference``
+runs scipy's Hungarian solver on the dense IoU matrix for every threshold and defines the result;
+``match_sparse`` is the fast matching above. ``match_instances`` is the dispatch. IoUs are float64
+and a pair matches when ``count / union >= t`` in float64, exactly as cellpose; stardist rounds IoUs
+and the threshold to float32 first, which can only differ within ~6e-8 of a threshold.
 """
 
 from __future__ import annotations
@@ -455,7 +457,7 @@ def match_many(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Seque
     Yields (overlap, matches) in input order.
     """
     thresholds = _check_thresholds(thresholds)
-    workers = workers or min(8, max(1, _cpu_count()))
+    workers = workers or min(8, max(1, cpu_count()))
     if workers == 1:
         for y_true, y_pred in pairs:
             yield match_instances(y_true, y_pred, thresholds, method)
@@ -464,7 +466,8 @@ def match_many(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Seque
         yield from pool.map(lambda pair: match_instances(pair[0], pair[1], thresholds, method), pairs)
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """CPUs this process may use: the default number of worker threads."""
     import os
 
     try:

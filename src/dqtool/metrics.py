@@ -264,7 +264,7 @@ def evaluate(pairs: Iterable[tuple[str, str, np.ndarray, np.ndarray]], threshold
     if on_error not in ("raise", "collect"):
         raise ValueError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
     thresholds = parse_thresholds(thresholds)
-    workers = workers or _matching._cpu_count()
+    workers = workers or _matching.cpu_count()
     if total is None and hasattr(pairs, "__len__"):
         total = len(pairs)
     result = EvaluationResult(thresholds)
