@@ -129,6 +129,9 @@ def _renumber(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _BLOCK = 16  # pixels compared at once against the current run (SIMD-friendly)
 _WAYS = 4  # per true id, the table slots of its last 4 pairs: most runs repeat one of them
 _OVERFLOW = 1  # the pair table passed half load: run again with a bigger one
+_ID_TOO_LARGE = 2  # an id beyond the per-id arrays: measure the ids, run again with exact sizes
+_NEGATIVE = 3
+_FIRST_IDS = 4096  # per-id arrays of the first attempt: most images have fewer instances
 
 
 @numba.njit(cache=True, nogil=True)
@@ -153,8 +156,12 @@ def _hash_slot(keys, key, mask):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot, cached_next):
-    """Add a run of ``run`` pixels with pair (a, b); returns the used slots, or -1 past half load."""
+def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, cached_slot):
+    """Add a run of ``run`` pixels with pair (a, b); returns the used slots, or -status to stop."""
+    if a < 0 or b < 0:
+        return -_NEGATIVE
+    if a >= true_size.size or b >= pred_size.size:
+        return -_ID_TOO_LARGE
     true_size[a] += run
     pred_size[b] += run
     if a != 0 and b != 0:
@@ -166,7 +173,7 @@ def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, c
         slot = _hash_slot(keys, key, keys.size - 1)
         if keys[slot] == -1:
             if 2 * (n_used + 1) > keys.size:
-                return -1
+                return -_OVERFLOW
             keys[slot] = key
             n_used += 1
         counts[slot] += run
@@ -176,22 +183,23 @@ def _flush(a, b, run, true_size, pred_size, keys, counts, n_used, cached_pred, c
 
 
 @numba.njit(cache=True, nogil=True)
-def _overlap_kernel(t, p, max_t, max_p, capacity):
+def _overlap_kernel(t, p, size_t, size_p, capacity):
     """One pass: per-id sizes and (true, pred) -> count for both > 0; no dense n_true x n_pred matrix.
 
     Neighbouring pixels mostly repeat the (true, pred) pair, so the pass counts runs of equal pairs
     (whole blocks of 16 at a time when they match: a fixed-length compare the compiler vectorises)
     and touches the pair table (open addressing, ``capacity`` slots, a power of two) only when a run
-    ends; a 4-way per-true-id cache of recent pairs skips most hash lookups. Nothing is reallocated
-    inside the loop: past half load the kernel stops with _OVERFLOW and the caller runs it again with
-    a bigger table. Returns (status, true sizes, pred sizes, pair true ids, pair pred ids, counts).
+    ends; a small per-true-id cache of recent pairs skips most hash lookups. Nothing is reallocated
+    inside the loop (that would cost reference counting on every run): the kernel stops with a status
+    (_OVERFLOW: table past half load; _ID_TOO_LARGE: an id beyond ``size_t``/``size_p``; _NEGATIVE)
+    and the caller runs it again with what it needs. Returns (status, true sizes, pred sizes, pair
+    true ids, pair pred ids, pair counts).
     """
     n = t.size
-    true_size = np.zeros(max_t + 1, np.int64)
-    pred_size = np.zeros(max_p + 1, np.int64)
-    cached_pred = np.full((max_t + 1, _WAYS), -1, np.int64)  # per true id: recent pred ids, their slots
-    cached_slot = np.zeros((max_t + 1, _WAYS), np.int64)
-    cached_next = np.zeros(max_t + 1, np.int64)
+    true_size = np.zeros(size_t, np.int64)
+    pred_size = np.zeros(size_p, np.int64)
+    cached_pred = np.full((size_t, _WAYS), -1, np.int64)  # per true id: recent pred ids, their slots
+    cached_slot = np.zeros((size_t, _WAYS), np.int64)
     keys = np.full(capacity, -1, np.int64)
     counts = np.zeros(capacity, np.int64)
     n_used = 0
@@ -215,9 +223,9 @@ def _overlap_kernel(t, p, max_t, max_p, capacity):
                 run += 1
             else:
                 n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
-                                n_used, cached_pred, cached_slot, cached_next)
+                                n_used, cached_pred, cached_slot)
                 if n_used < 0:
-                    return _OVERFLOW, true_size, pred_size, empty, empty, empty
+                    return -n_used, true_size, pred_size, empty, empty, empty
                 last_a = t[j]
                 last_b = p[j]
                 run = 1
@@ -226,16 +234,16 @@ def _overlap_kernel(t, p, max_t, max_p, capacity):
             run += 1
         else:
             n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
-                            n_used, cached_pred, cached_slot, cached_next)
+                            n_used, cached_pred, cached_slot)
             if n_used < 0:
-                return _OVERFLOW, true_size, pred_size, empty, empty, empty
+                return -n_used, true_size, pred_size, empty, empty, empty
             last_a = t[j]
             last_b = p[j]
             run = 1
     n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts, n_used,
-                    cached_pred, cached_slot, cached_next)
+                    cached_pred, cached_slot)
     if n_used < 0:
-        return _OVERFLOW, true_size, pred_size, empty, empty, empty
+        return -n_used, true_size, pred_size, empty, empty, empty
     pair_key = np.empty(n_used, np.int64)
     pair_count = np.empty(n_used, np.int64)
     k = 0
@@ -271,8 +279,9 @@ def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> None:
 def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
     """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix).
 
-    A first vectorised pass finds each map's (min, max) id; ids up to 4 x the pixel count (and
-    < 2^32) index per-id arrays directly, larger ids are renumbered first (np.unique) and mapped back.
+    Ids index per-id arrays directly: first sized for ids < 4096; larger ids cost one (min, max) pass
+    and a second pass; ids above 4 x the pixel count (or >= 2^32) are renumbered (np.unique) and
+    mapped back.
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     _check_pair(y_true, y_pred)
@@ -280,24 +289,32 @@ def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
     if t.size == 0:
         return _finish(np.zeros(1, np.int64), np.zeros(1, np.int64), *(np.empty(0, np.int64),) * 3,
                        None, None, 0)
-    (min_t, max_t), (min_p, max_p) = _extent(t), _extent(p)
-    if min_t < 0 or min_p < 0:
-        raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
-    limit = min(_DENSE_ID_FACTOR * t.size + 1024, 2**32 - 1)
     map_t = map_p = None
-    if max_t > limit:
-        t, map_t = _renumber(t)
-        max_t = map_t.size - 1
-    if max_p > limit:
-        p, map_p = _renumber(p)
-        max_p = map_p.size - 1
-    # Pairs are typically a few per instance; the table starts at twice that and grows 4x on overflow.
-    capacity = 1 << int(np.ceil(np.log2(4 * (max_t + max_p) + 4096)))
+    # First attempt in a single pass with per-id arrays for ids < 4096 (most images); only when an id
+    # is larger are the ids measured (one more pass), renumbered if huge, and the pass repeated.
+    size_t = size_p = min(_FIRST_IDS, t.size + 1)
+    capacity = 1 << 14
     while True:
-        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, max_t, max_p, capacity)
-        if status != _OVERFLOW:
+        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, size_t, size_p, capacity)
+        if status == 0:
             break
-        capacity *= 4
+        if status == _OVERFLOW:  # pairs are typically a few per instance
+            capacity *= 4
+        elif status == _NEGATIVE:
+            raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
+        elif status == _ID_TOO_LARGE:
+            (min_t, max_t), (min_p, max_p) = _extent(t), _extent(p)
+            if min_t < 0 or min_p < 0:
+                raise ValueError("label maps contain negative ids; expected ids >= 0 (0 = background)")
+            limit = min(_DENSE_ID_FACTOR * t.size + 1024, 2**32 - 1)
+            if max_t > limit:
+                t, map_t = _renumber(t)
+                max_t = map_t.size - 1
+            if max_p > limit:
+                p, map_p = _renumber(p)
+                max_p = map_p.size - 1
+            size_t, size_p = max_t + 1, max_p + 1
+            capacity = max(capacity, 1 << int(np.ceil(np.log2(4 * (max_t + max_p) + 4096))))
     return _finish(true_size, pred_size, a, b, c, map_t, map_p, t.size)
 
 
