@@ -22,9 +22,11 @@ from .common import is_quiet, quiet_option, user_errors
               help="Seed of the default MAE's pretraining.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Patches per forward pass.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="CPU threads for torch (more: faster on an idle machine, last bits may change).")
 @quiet_option
 @user_errors
-def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, quiet):
+def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, threads, quiet):
     """Compute deterministic MAE features (mean over patch tokens, no masking) of every patch in CACHE
     and store them in it; reused while cache and encoder are unchanged."""
     if weights and features_file:
@@ -32,7 +34,7 @@ def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, quiet):
     if epochs is not None and (weights or features_file):
         raise click.UsageError("--epochs applies to the default self-trained MAE, not to --weights or --features")
     feats = embed_cache(cache, weights=weights, features_file=features_file, epochs=epochs, seed=seed,
-                        batch_size=batch_size, quiet=is_quiet(quiet))
+                        batch_size=batch_size, quiet=is_quiet(quiet), threads=threads)
     source = weights or features_file or "default self-trained MAE"
     click.echo(f"{cache}: features {feats.shape[0]} x {feats.shape[1]} ({source}) stored in group 'features'")
 

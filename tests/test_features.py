@@ -68,6 +68,13 @@ def test_to_model_input_gray_replication_resize_and_standardisation():
         to_model_input(np.zeros((1, 224, 224, 2), np.uint8), cfg)
 
 
+def test_torch_threads_restores_the_count():
+    before = torch.get_num_threads()
+    with features.torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+
+
 def test_auto_epochs():
     assert auto_epochs(200) == 10 and auto_epochs(1000) == 2 and auto_epochs(992) == 3
     assert auto_epochs(10_063) == 1 and auto_epochs(154) == 13 and auto_epochs(1) == 15
@@ -231,6 +238,8 @@ def test_bad_arguments_and_empty_cache(cache_path, tmp_path):
         embed_cache(cache_path, weights="w.pth", epochs=3)
     with pytest.raises(InputError, match="batch size"):
         embed_cache(cache_path, batch_size=0)
+    with pytest.raises(InputError, match="threads"):
+        embed_cache(cache_path, threads=0)
     empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.zeros((100, 100), np.uint8)], None, ["a"],
                                     edge="drop")
     with pytest.raises(InputError, match=r"empty\.h5.*no patches"):
@@ -250,7 +259,8 @@ def test_cli_embed(cache_path, tmp_path):
     run = CliRunner().invoke(cli, ["embed", str(cache_path), "--features", str(tmp_path / "f.npy")])
     assert run.exit_code == 0, run.output
     assert f"{n} x 3" in run.output
-    run = CliRunner().invoke(cli, ["embed", str(cache_path), "--quiet", "--epochs", "1", "--batch-size", "8"])
+    run = CliRunner().invoke(cli, ["embed", str(cache_path), "--quiet", "--epochs", "1", "--batch-size", "8",
+                                   "--threads", "1"])
     assert run.exit_code == 0, run.output
     assert load_features(cache_path).shape == (n, 192)
     run = CliRunner().invoke(cli, ["embed", str(cache_path), "--features", str(tmp_path / "f.npy"),
