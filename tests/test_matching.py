@@ -181,3 +181,24 @@ def test_random_label_maps_match_reference(pair):
     for g in got:
         assert g.tp <= min(g.n_true, g.n_pred)
         assert 0.0 <= g.sum_matched_iou <= g.tp + 1e-12
+
+
+def test_ids_above_the_first_per_id_arrays_take_the_exact_size_path():
+    base = touching_cells((100, 100), 30, seed=8)
+    y_true = np.where(base > 0, base + 5000, 0).astype(np.int32)  # > 4096, below 4 x pixels: no renumbering
+    y_pred = np.roll(np.where(base > 0, base + 9000, 0), 3, axis=1).astype(np.int64)
+    ov, got = check_against_reference(y_true, y_pred)
+    assert ov.true_ids.min() > 5000 and ov.pred_ids.min() > 9000
+    _, plain = m.match_instances(base, np.roll(base, 3, axis=1), THRESHOLDS)
+    assert_same_matches(got, plain)
+
+
+def test_negative_ids_are_refused_by_both_kernels():
+    y = np.zeros((8, 8), np.int32)
+    y[2, 2] = -3
+    with pytest.raises(ValueError, match="negative"):
+        m.overlap_numba(y, np.zeros_like(y))
+    with pytest.raises(ValueError, match="negative"):
+        m.overlap_numba(np.zeros_like(y), y)
+    with pytest.raises(ValueError, match="negative"):
+        m.foreground_counts(y, np.zeros_like(y))

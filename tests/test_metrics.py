@@ -262,6 +262,8 @@ def test_bad_input_is_named():
         metrics.pixel_scores(good.astype(np.float32), good)
     with pytest.raises(InputError, match="negative"):
         metrics.instance_scores(good, good.astype(np.int16) - 1)
+    with pytest.raises(InputError, match="negative"):
+        metrics.pixel_scores(good.astype(np.int64) - 1, good)
     with pytest.raises(InputError, match="2-D"):
         metrics.instance_scores(np.zeros((2, 4, 4), np.uint8), good)
     with pytest.raises(ValueError, match="thresholds"):
