@@ -24,8 +24,8 @@ standardised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
 official weights expect; the default MAE is trained and used with the same standardisation.
 
 Features are deterministic: no masking at feature time; f(x) = mean over the L patch tokens (196 at
-patch size 16; 256 for ViT-H/14) of the
-encoder's final-norm output (class token excluded); see :meth:`dqtool.mae.MaskedAutoencoderViT.features`.
+patch size 16; 256 for ViT-H/14) of the encoder's final-norm output (class token excluded); see
+:meth:`dqtool.mae.MaskedAutoencoderViT.features`.
 Same cache, seed and thread count give the same bytes (torch runs on one CPU thread unless asked).
 """
 
