@@ -114,6 +114,18 @@ def test_instance_2048_dqtool(benchmark, pair_2048):
     assert 2800 < scores[0].n_true < 3001 and scores[0].tp > 2000
 
 
+@pytest.mark.benchmark(group="instance-2048-t0.5")
+def test_instance_2048_dqtool_one_thread(benchmark, pair_2048):
+    """The same, on one thread (instance_scores splits one big image over the CPUs by default)."""
+    scores = benchmark(metrics.instance_scores, *pair_2048, (0.5,), threads=1)
+    _record(benchmark, "2048@0.5-1thread", "dqtool")
+    for tool in ("cellpose", "stardist"):
+        if ("2048@0.5", tool) in MEDIANS:
+            benchmark.extra_info[f"speedup_vs_{tool}"] = round(MEDIANS[("2048@0.5", tool)] /
+                                                              MEDIANS[("2048@0.5-1thread", "dqtool")], 1)
+    assert scores == metrics.instance_scores(*pair_2048, (0.5,))
+
+
 @pytest.mark.benchmark(group="instance-2048-coco")
 def test_instance_2048_coco_cellpose(benchmark, pair_2048):
     _, tp, _, _ = benchmark.pedantic(average_precision, args=(*pair_2048, list(COCO)), rounds=2, iterations=1)

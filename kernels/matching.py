@@ -276,12 +276,35 @@ def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> None:
         raise ValueError(f"label maps differ in shape: true {y_true.shape}, pred {y_pred.shape}")
 
 
-def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
+def _kernel_over_chunks(t, p, size_t, size_p, capacity, threads):
+    """The pass over ``threads`` contiguous chunks in parallel (nogil), merged; statuses as the kernel.
+
+    A run cut at a chunk border is counted in both chunks and summed here, so the merge is exact.
+    """
+    n = t.size
+    bounds = [n * k // threads for k in range(threads + 1)]
+    parts = [(t[lo:hi], p[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda tp: _overlap_kernel(tp[0], tp[1], size_t, size_p, capacity), parts))
+    status = max(r[0] for r in results)
+    if status != 0:
+        return status, None, None, None, None, None
+    true_size = np.sum([r[1] for r in results], axis=0)
+    pred_size = np.sum([r[2] for r in results], axis=0)
+    keys = np.concatenate([(r[3] << 32) | r[4] for r in results])
+    counts = np.concatenate([r[5] for r in results])
+    keys, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=counts, minlength=keys.size).astype(np.int64)
+    return 0, true_size, pred_size, keys >> 32, keys & 0xFFFFFFFF, counts
+
+
+def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray, threads: int = 1) -> Overlap:
     """Sparse overlap in one numba pass over the pixels (no dense n_true x n_pred matrix).
 
     Ids index per-id arrays directly: first sized for ids < 4096; larger ids cost one (min, max) pass
     and a second pass; ids above 4 x the pixel count (or >= 2^32) are renumbered (np.unique) and
-    mapped back.
+    mapped back. ``threads`` > 1 splits an image of at least 2^20 pixels into that many chunks
+    scored in parallel (for one big image; a dataset is better parallel over images).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     _check_pair(y_true, y_pred)
@@ -289,13 +312,17 @@ def overlap_numba(y_true: np.ndarray, y_pred: np.ndarray) -> Overlap:
     if t.size == 0:
         return _finish(np.zeros(1, np.int64), np.zeros(1, np.int64), *(np.empty(0, np.int64),) * 3,
                        None, None, 0)
+    threads = max(1, min(int(threads), t.size >> 20))
     map_t = map_p = None
     # First attempt in a single pass with per-id arrays for ids < 4096 (most images); only when an id
     # is larger are the ids measured (one more pass), renumbered if huge, and the pass repeated.
     size_t = size_p = min(_FIRST_IDS, t.size + 1)
     capacity = 1 << 14
     while True:
-        status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, size_t, size_p, capacity)
+        if threads > 1:
+            status, true_size, pred_size, a, b, c = _kernel_over_chunks(t, p, size_t, size_p, capacity, threads)
+        else:
+            status, true_size, pred_size, a, b, c = _overlap_kernel(t, p, size_t, size_p, capacity)
         if status == 0:
             break
         if status == _OVERFLOW:  # pairs are typically a few per instance
@@ -449,20 +476,20 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     return thresholds
 
 
-def overlap(y_true: np.ndarray, y_pred: np.ndarray, method: str = "numba") -> Overlap:
-    """Sparse overlap by ``method``: 'numba' (default) or 'reference' (NumPy)."""
+def overlap(y_true: np.ndarray, y_pred: np.ndarray, method: str = "numba", threads: int = 1) -> Overlap:
+    """Sparse overlap by ``method``: 'numba' (default; ``threads`` for one big image) or 'reference'."""
     if method == "numba":
-        return overlap_numba(y_true, y_pred)
+        return overlap_numba(y_true, y_pred, threads)
     if method == "reference":
         return overlap_reference(y_true, y_pred)
     raise ValueError(f"method must be 'numba' or 'reference', got {method!r}")
 
 
 def match_instances(y_true: np.ndarray, y_pred: np.ndarray, thresholds: Sequence[float] = (0.5,),
-                    method: str = "numba") -> tuple[Overlap, list[Match]]:
+                    method: str = "numba", threads: int = 1) -> tuple[Overlap, list[Match]]:
     """Overlap and matching of one image pair at each threshold; returns (overlap, matches)."""
     thresholds = _check_thresholds(thresholds)
-    ov = overlap(y_true, y_pred, method)
+    ov = overlap(y_true, y_pred, method, threads)
     matches = match_sparse(ov, thresholds) if method == "numba" else match_reference(ov, thresholds)
     return ov, matches
 

@@ -202,3 +202,13 @@ def test_negative_ids_are_refused_by_both_kernels():
         m.overlap_numba(np.zeros_like(y), y)
     with pytest.raises(ValueError, match="negative"):
         m.foreground_counts(y, np.zeros_like(y))
+
+
+def test_chunked_threads_equal_one_pass():
+    y_true = touching_cells((1100, 1000), 40, seed=12)  # > 2^20 pixels: the chunked path runs
+    y_pred = np.roll(y_true, 5, axis=0)
+    one = m.overlap_numba(y_true, y_pred)
+    assert_same_overlap(m.overlap_numba(y_true, y_pred, threads=3), one)
+    assert_same_overlap(m.overlap_reference(y_true, y_pred), one)
+    big_ids = np.where(y_true > 0, y_true + 10_000, 0)  # the exact-size second pass, chunked
+    assert_same_overlap(m.overlap_numba(big_ids, y_pred, threads=2), m.overlap_numba(big_ids, y_pred))

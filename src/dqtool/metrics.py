@@ -161,14 +161,17 @@ def pixel_scores(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.
 
 
 def instance_scores(y_true: np.ndarray, y_pred: np.ndarray, thresholds: Sequence[float] | float = (0.5,),
-                    empty_value: float = 0.0) -> list[InstanceScores]:
+                    empty_value: float = 0.0, threads: int | None = None) -> list[InstanceScores]:
     """Instance scores at each IoU threshold (one record per threshold, in the given order).
 
     Label ids need not be consecutive; 0 is background. Equal to stardist's ``matching`` and to
     cellpose's ``average_precision`` (on consecutive ids: cellpose counts max id as the instance count).
+    ``threads`` (default: the CPUs available) split one image of >= 2^20 pixels into parallel chunks.
     """
     y_true, y_pred = _check_pair(y_true, y_pred)
-    _, matches = _kernel_call(_matching.match_instances, y_true, y_pred, parse_thresholds(thresholds))
+    threads = _matching.cpu_count() if threads is None else threads
+    _, matches = _kernel_call(_matching.match_instances, y_true, y_pred, parse_thresholds(thresholds),
+                              "numba", threads)
     return [instance_scores_from_counts(m.thresh, m.tp, m.fp, m.fn, m.sum_matched_iou, empty_value)
             for m in matches]
 
