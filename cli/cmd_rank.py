@@ -49,7 +49,7 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
 @click.option("--target", type=click.Choice(["fluo", "histo", "multi"]), default="fluo", show_default=True,
               help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, subsets, training, perturbations.")
-@click.option("--quick", is_flag=True, help="12-24 epochs of 8 patches per model instead of 15-40 of 16 (CPU budget).")
+@click.option("--quick", is_flag=True, help="6-24 epochs of 8 patches per model instead of 15-40 of 16 (CPU budget).")
 @quiet_option
 @user_errors
 def rank_study_cmd(out, target, seed, quick, quiet):

@@ -45,10 +45,10 @@ DEFAULT_BANK = (
 )
 
 
-# the same grading on a CPU budget: just past Cellpose's 10-epoch warm-up
+# the same grading on a CPU budget: around Cellpose's 10-epoch learning-rate warm-up
 QUICK_BANK = (
-    BankMember("fluo", 24), BankMember("fluo", 12), BankMember("fluo", 24, 0.25), BankMember("multi", 24),
-    BankMember("histo", 24), BankMember("histo", 12),
+    BankMember("fluo", 24), BankMember("fluo", 12), BankMember("fluo", 12, 0.25), BankMember("multi", 12),
+    BankMember("histo", 12), BankMember("histo", 6),
 )
 
 
