@@ -24,6 +24,8 @@ demo: install
 	$(BIN)/dqtool data $(DATA)
 	$(BIN)/dqtool patches $(DATA)/fluo/train $(DATA)/histo/train $(DATA)/multi/train --out $(RUN)/train.h5
 	$(BIN)/dqtool info $(RUN)/train.h5
+	$(BIN)/dqtool embed $(RUN)/train.h5
+	$(BIN)/dqtool select $(RUN)/train.h5 --rate 0.1 --out $(RUN)/subset.json --plot $(RUN)/select
 
 # The whole test suite, as CI runs it (slow end-to-end runs excluded; `make test-all` includes them).
 test: install
