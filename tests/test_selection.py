@@ -258,16 +258,6 @@ def test_read_subset_checks(cache, tmp_path):
         sel.export_subset(tmp_path / "bad.json", tmp_path / "exp2")
 
 
-def test_plots(cache, tmp_path):
-    from PIL import Image
-
-    written = sel.select_to_files(cache, [0.1, 0.3], tmp_path / "s.json", plot_dir=tmp_path / "plots", bins=3)
-    assert [p.name for p, _ in written] == ["s_rate0.1.json", "s_rate0.3.json"]
-    for name in ("embedding_rate0.1.png", "patches_rate0.3.png"):
-        with Image.open(tmp_path / "plots" / name) as im:
-            assert im.size[0] > 100 and im.size[1] > 50
-
-
 def test_pca_is_deterministic_and_orthogonal():
     from dqtool.selection_plots import pca_2d
 
