@@ -11,7 +11,8 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``).
 
 Tables go to ``OUT/tables/*.{csv,md,json}``, the Fig. 1 plot to ``OUT/fig1_rate_curve.png`` and a
-Markdown summary to ``OUT/report.md``. ``QUICK`` is a built-in config for the embedded synthetic
+Markdown summary to ``OUT/report.md``, rewritten after every step. A killed study continues where it
+stopped when run again with the same config (each training resumes from its last checkpoint). ``QUICK`` is a built-in config for the embedded synthetic
 domains, sized for a 2-core CPU (~20 min uncontended).
 """
 
@@ -193,7 +194,8 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
         images, labels, provenance = load_patches(caches[source], indices)
         provenance.update(method=method, rate=rate)
         model = out / "models" / "redundancy" / f"{source}_{method}_{rate:g}"
-        result = train_patches(list(images), list(labels), model, tconf, provenance=provenance, quiet=quiet)
+        result = train_patches(list(images), list(labels), model, tconf, provenance=provenance, resume=True,
+                               quiet=quiet)
         stage = Stage(name=f"{method}_{rate:g}", model=model, train=result)
         score_stage(stage, {source: evals[source]}, out / "models" / "redundancy", tconf.channels, metrics, quiet)
         rows.append({"domain": source, "method": method, "rate": rate, "patches": int(indices.size),
@@ -201,6 +203,7 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
         if method == "all":
             source_model = model
     tables["redundancy"] = rows
+    _emit(out, tables, config)
     full = next(r for r in rows if r["method"] == "all")
     plot_rate_curve(rows, out / "fig1_rate_curve.png", metrics[1] if len(metrics) > 1 else metrics[0],
                     full[metrics[1] if len(metrics) > 1 else metrics[0]], source)
@@ -209,36 +212,45 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
     zero = Stage(name="zero_shot", model=source_model)
     score_stage(zero, evals, out / "models" / "redundancy", tconf.channels, metrics, quiet)
     tables["zero_shot"] = [{"model": f"{source} (all patches)", "test domain": d, **s} for d, s in zero.scores.items()]
+    _emit(out, tables, config)
 
     # 4-5. finetuning and replay: what happens to the source
     transfer_rows = []
     for target in config["targets"]:
         pair = {source: evals[source], target: evals[target]}
-        ft = finetune(source_model, caches[target], out / f"finetune_{target}", evals=pair, config=tconf, quiet=quiet)
+        ft = finetune(source_model, caches[target], out / f"finetune_{target}", evals=pair, config=tconf,
+                      resume=True, quiet=quiet)
         for stage in ft.stages:
             transfer_rows.append({"target": target, "model": "source model" if stage.name == "init" else
                                   "naive finetune", **_scores_row(stage, metrics)})
         for rate in config["replay_rates"]:
             rp = replay(source_model, caches[source], caches[target], out / f"replay_{target}_{rate:g}",
                         source_rate=float(rate), source_method=config["replay_method"], evals=pair, config=tconf,
-                        quiet=quiet)
+                        resume=True, quiet=quiet)
             transfer_rows.append({"target": target, "model": f"replay {config['replay_method']} {rate:g}",
                                   **_scores_row(rp.stages[-1], metrics)})
-    tables["transfer"] = transfer_rows
+        tables["transfer"] = transfer_rows
+        _emit(out, tables, config)
 
     # 6. sequences
     seq_rows = []
     for k, path in enumerate(config["sequences"]):
         res = sequence([caches[d] for d in path], out / f"sequence_{k}_{'-'.join(path)}", evals=evals, config=tconf,
-                       names=path, quiet=quiet)
+                       names=path, resume=True, quiet=quiet)
         for stage in res.stages:
             seq_rows.append({"path": " -> ".join(path), "after": stage.name, **_scores_row(stage, metrics)})
-    tables["sequences"] = seq_rows
-
-    for name, rows in tables.items():
-        write_table(rows, tables_dir / name)
-    _report(out, tables, config)
+        tables["sequences"] = seq_rows
+        _emit(out, tables, config)
+    _emit(out, tables, config)
     return tables
+
+
+def _emit(out: Path, tables: dict, config: dict) -> None:
+    """Write every table finished so far and the report: a later step that fails loses none of them."""
+    for name, rows in tables.items():
+        if rows:
+            write_table(rows, out / "tables" / name)
+    _report(out, tables, config)
 
 
 def _report(out: Path, tables: dict, config: dict) -> Path:
