@@ -1,4 +1,4 @@
-"""Test configuration shared by every test module.
+"""Test configuration shared by tests/ and benchmarks/.
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, so the Triton paths run on this
 CPU-only machine in the interpreter (small sizes, big blocks).
@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL = Path(__file__).resolve().parent.parent / "shared" / "data" / "real"
 
 
 @pytest.fixture(scope="session")
