@@ -1,12 +1,15 @@
 """Test configuration shared by tests/ and benchmarks/.
 
-TRITON_INTERPRET must be set before any Triton kernel is defined, so the Triton paths run on this
-CPU-only machine in the interpreter (small sizes, big blocks).
+TRITON_INTERPRET must be set before any Triton kernel is defined, so that on a machine without CUDA the
+Triton paths run in the interpreter (small sizes, big blocks). With a CUDA GPU they run natively.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from pathlib import Path  # noqa: E402
