@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 from .errors import InputError
 from .progress import progress
@@ -143,8 +144,11 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BAN
             row[f"{pert}_rank"] = m.rank
             row[f"{pert}_score"] = m.score
     rows = sorted(by_model.values(), key=lambda r: -r["f1"] if not math.isnan(r["f1"]) else math.inf)
-    for i, r in enumerate(rows, 1):
-        r["f1_rank"] = i
+    f1 = np.array([r["f1"] for r in rows], np.float64)
+    # ties share the best rank (several models with F1 = 0 are all last, not ordered arbitrarily)
+    f1_rank = rankdata(np.where(np.isnan(f1), np.inf, -f1), method="min") if len(rows) else []
+    for r, k in zip(rows, f1_rank):
+        r["f1_rank"] = int(k)
     correlations = []
     for pert, res in results.items():
         for c in res.correlations:
