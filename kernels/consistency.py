@@ -84,18 +84,23 @@ def _semantic_row(p, q, threshold):
     return n_union, n_flip, np.float64(s)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _semantic_numba(p_ref, p_test, ref_index, threshold, union, flips, agree, block):
     # Pairs sharing a reference row are swept together, block by block, so each reference block is
     # read from memory once and stays in cache for all its test rows (the pass is memory-bound).
+    # Groups are independent (each writes only its own pairs): one group per thread.
+    if ref_index.shape[0] == 0:
+        return
     order = np.argsort(ref_index, kind="mergesort")
     n = p_test.shape[1]
-    g = 0
-    while g < order.shape[0]:
+    starts = [0]
+    for t in range(1, order.shape[0]):
+        if ref_index[order[t]] != ref_index[order[t - 1]]:
+            starts.append(t)
+    starts.append(order.shape[0])
+    for k in numba.prange(len(starts) - 1):
+        g, e = starts[k], starts[k + 1]
         r = ref_index[order[g]]
-        e = g
-        while e < order.shape[0] and ref_index[order[e]] == r:
-            e += 1
         for start in range(0, n, block):
             stop = min(start + block, n)
             ref_block = p_ref[r, start:stop]
@@ -105,7 +110,6 @@ def _semantic_numba(p_ref, p_test, ref_index, threshold, union, flips, agree, bl
                 union[b] += nu
                 flips[b] += nf
                 agree[b] += s
-        g = e
 
 
 def semantic_counts_numba(p_ref: np.ndarray, p_test: np.ndarray, ref_index: np.ndarray,
