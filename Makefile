@@ -18,14 +18,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default data: synthetic domains -> patch cache -> summary
-# -> MAE features -> DQ selection at rate 0.1 (later stages append here).
+# The main job on the embedded default data: synthetic domains -> patch cache -> summary -> MAE features
+# -> DQ selection at rate 0.1 -> a small bank of Cellpose models (tiny CPU budget: 20 epochs of 16 patches at
+# bsize 64) -> label-free ranking of the bank on the fluo test split, validated against its labels.
+TRAIN := --epochs 20 --bsize 64 --nimg-per-epoch 16 --save-every 10 --quiet
 demo: install
 	$(BIN)/dqtool data $(DATA)
+	mkdir -p $(RUN)/models
 	$(BIN)/dqtool patches $(DATA)/fluo/train $(DATA)/histo/train $(DATA)/multi/train --out $(RUN)/train.h5
 	$(BIN)/dqtool info $(RUN)/train.h5
 	$(BIN)/dqtool embed $(RUN)/train.h5
 	$(BIN)/dqtool select $(RUN)/train.h5 --rate 0.1 --out $(RUN)/subset.json --plot $(RUN)/select
+	$(BIN)/dqtool patches $(DATA)/fluo --out $(RUN)/fluo.h5 --quiet
+	$(BIN)/dqtool patches $(DATA)/histo --out $(RUN)/histo.h5 --quiet
+	$(BIN)/dqtool train $(RUN)/fluo.h5 --out $(RUN)/models/fluo $(TRAIN)
+	$(BIN)/dqtool train $(RUN)/histo.h5 --out $(RUN)/models/histo $(TRAIN)
+	$(BIN)/dqtool train $(RUN)/train.h5 --subset $(RUN)/subset.json --out $(RUN)/models/dq10 $(TRAIN)
+	$(BIN)/dqtool rank $(RUN)/models --images $(DATA)/fluo/test --labels $(DATA)/fluo/test --out $(RUN)/rank --quiet
 
 # The whole test suite, as CI runs it (slow end-to-end runs excluded; `make test-all` includes them).
 test: install
