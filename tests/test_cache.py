@@ -202,3 +202,128 @@ def test_iter_patches_labels_consecutive():
     out = list(iter_patches(np.zeros((10, 10)), lab, size=5, stride=5, edge="drop"))
     assert len(out) == 4
     assert out[0][3].max() == 1 and out[3][3].max() == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# label storage dtype and the raw-chunk read path (checked against h5py's own reads)
+
+
+def _labelled_pair(shape=(300, 260), seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, shape, dtype=np.uint8)
+    lab = np.zeros(shape, np.int32)
+    for k in range(1, 40):
+        y, x = rng.integers(0, shape[0] - 20), rng.integers(0, shape[1] - 20)
+        lab[y:y + 20, x:x + 20] = k
+    return img, lab
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lzf", "none"])
+def test_reads_match_h5py_for_every_codec(tmp_path, codec, monkeypatch):
+    from dqtool.datasets import ArraySample, Dataset
+
+    img, lab = _labelled_pair()
+    samples = [ArraySample(name=f"s{i}", domain="d", array=np.roll(img, 7 * i, axis=1),
+                           label_array=cache_mod.relabel_consecutive(np.roll(lab, 7 * i, axis=1))) for i in range(3)]
+    raw_reads = []
+    take_raw = PatchCache._take_raw
+    monkeypatch.setattr(PatchCache, "_take_raw", lambda self, d, *a: raw_reads.append(d.name) or take_raw(self, d, *a))
+    out = tmp_path / f"{codec}.h5"
+    build_cache([Dataset(samples=samples, root=tmp_path, format="arrays")], out,
+                PatchOptions(size=64, stride=48, compression=codec), quiet=True)
+    with h5py.File(out, "r") as h5:
+        ref_img, ref_lab = h5["images"][()], h5["labels"][()]
+        assert h5["labels"].dtype == np.uint16  # 64 * 64 < 65536
+        assert h5["images"].compression == (None if codec == "none" else codec)
+    n = ref_img.shape[0]
+    assert n > 30 and ref_lab.max() > 5
+    rng = np.random.default_rng(1)
+    orders = [rng.permutation(n), rng.integers(0, n, 3 * n), np.array([5, 5, 0, n - 1, 5]), np.arange(n),
+              np.array([], np.int64)]
+    with PatchCache(out) as c:
+        for idx in orders:
+            got_img, got_lab = c.images(idx), c.labels(idx)
+            assert got_img.dtype == np.uint8 and got_lab.dtype == np.uint32
+            assert np.array_equal(got_img, ref_img[idx]) and np.array_equal(got_lab, ref_lab[idx].astype(np.uint32))
+    # the raw-chunk path serves gzip and uncompressed caches; lzf goes through h5py
+    assert bool(raw_reads) == (codec != "lzf") and set(raw_reads) <= {"/images", "/labels"}
+
+
+def test_raw_path_is_taken_only_where_it_applies(tmp_path):
+    data = np.random.default_rng(0).integers(0, 9, (5, 16, 16), dtype=np.uint16)
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        kw = dict(data=data, chunks=(1, 16, 16))
+        h5.create_dataset("gzip", compression="gzip", **kw)
+        h5.create_dataset("none", **kw)
+        h5.create_dataset("lzf", compression="lzf", **kw)
+        h5.create_dataset("shuffle", compression="gzip", shuffle=True, **kw)
+        h5.create_dataset("two_per_chunk", data=data, chunks=(2, 16, 16), compression="gzip")
+        h5.create_dataset("contiguous", data=data)
+        assert cache_mod._raw_codec(h5["gzip"]) == "gzip" and cache_mod._raw_codec(h5["none"]) == "none"
+        for name in ("lzf", "shuffle", "two_per_chunk", "contiguous"):
+            assert cache_mod._raw_codec(h5[name]) is None, name
+
+
+def _copy_cache_with_labels(src, dst, labels_data, **create):
+    """A copy of cache ``src`` whose /labels dataset is rewritten from ``labels_data`` with ``create`` options."""
+    dst.write_bytes(src.read_bytes())
+    with h5py.File(dst, "r+") as h5:
+        del h5["labels"]
+        h5.create_dataset("labels", data=labels_data, **create)
+
+
+def test_old_uint32_and_big_endian_label_caches_still_read(tmp_path):
+    img, lab = _labelled_pair()
+    path = build_cache_from_arrays(tmp_path / "a.h5", [img], [lab], ["a"], size=128, stride=64)
+    with PatchCache(path) as c:
+        want = c.labels(range(len(c)))
+    assert want.dtype == np.uint32 and want.max() > 5
+    size = want.shape[1]
+    variants = {"u32_gzip": dict(dtype=np.uint32, compression="gzip", compression_opts=1),
+                "u32_none": dict(dtype=np.uint32), "be_u16_gzip": dict(dtype=">u2", compression="gzip"),
+                "u16_shuffle": dict(dtype=np.uint16, compression="gzip", shuffle=True)}
+    for name, opts in variants.items():
+        dst = tmp_path / f"{name}.h5"
+        _copy_cache_with_labels(path, dst, want.astype(opts.pop("dtype")), chunks=(1, size, size), **opts)
+        with PatchCache(dst) as c:
+            idx = [3, 0, 3, len(c) - 1]
+            got = c.labels(idx)
+            assert got.dtype == np.uint32 and np.array_equal(got, want[idx]), name
+
+
+def test_label_dtype_rule():
+    assert cache_mod.label_dtype(224) == np.uint16 and cache_mod.label_dtype(255) == np.uint16
+    assert cache_mod.label_dtype(256) == np.uint32  # 256 * 256 ids would overflow uint16
+
+
+def test_unfiltered_chunk_falls_back_to_h5py(tmp_path):
+    """A chunk whose filter mask says 'deflate skipped' holds plain bytes: read through h5py."""
+    data = np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8)
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as h5:
+        d = h5.create_dataset("x", data=data, chunks=(1, 8, 8), compression="gzip")
+        d.id.write_direct_chunk((2, 0, 0), data[2].tobytes(), filter_mask=1)
+    with h5py.File(path, "r") as h5:
+        ref = h5["x"][()]
+        assert h5["x"].id.read_direct_chunk((2, 0, 0))[0] == 1
+    assert np.array_equal(ref, data)
+    with h5py.File(path, "r") as h5:
+        holder = PatchCache.__new__(PatchCache)
+        holder.path, holder._executor = path, None
+        out = np.empty((4, 8, 8), np.uint8)
+        try:
+            holder._take_raw(h5["x"], "gzip", np.array([2, 1, 2, 3]), out)
+        finally:
+            holder._executor and holder._executor.shutdown()
+    assert np.array_equal(out, data[[2, 1, 2, 3]])
+
+
+def test_corrupt_chunk_raises_like_h5py(tmp_path):
+    img, lab = _labelled_pair()
+    path = build_cache_from_arrays(tmp_path / "a.h5", [img], [lab], ["a"], size=64, stride=64)
+    with h5py.File(path, "r+") as h5:
+        h5["images"].id.write_direct_chunk((1, 0, 0, 0), b"not deflate data")
+    with PatchCache(path) as c:
+        assert c.images([0]).shape == (1, 64, 64, 1)
+        with pytest.raises(OSError):
+            c.images([0, 1])

@@ -3,7 +3,9 @@
 Schema (``schema_version`` 1; N patches of S x S with C channels, M source images, K domains)::
 
     /images          uint8  (N, S, S, C)  per-source-image normalised intensities, one patch per chunk
-    /labels          uint32 (N, S, S)     consecutive instance ids per patch, 0 = background (if labelled)
+    /labels          uint16 (N, S, S)     consecutive instance ids per patch, 0 = background (if labelled);
+                                          uint16 when S * S < 65536 (ids <= S * S), else uint32. Caches
+                                          written before stored uint32 for every S; readers cast to uint32.
     /patch_source    int32  (N,)          index into /sources
     /patch_domain    int32  (N,)          index into /domains
     /patch_offset    int32  (N, 2)        (y, x) of the patch's top-left corner in its source image
@@ -16,6 +18,11 @@ Schema (``schema_version`` 1; N patches of S x S with C channels, M source image
     attributes: dqtool_version, schema_version, patch_size, stride, edge, channels, normalisation,
                 compression, input_hash, options (JSON), content_hash, n_patches, has_labels, complete
 
+Reading: with one patch per chunk and a gzip (deflate only) or no filter, ``PatchCache`` reads each
+chunk's stored bytes (``read_direct_chunk``) and inflates them with libdeflate (imagecodecs; zlib if
+missing) in a small thread pool (both release the GIL; HDF5's filter pipeline runs serially); other layouts (lzf,
+shuffle, a chunk stored unfiltered) go through h5py. Both give the same bytes.
+
 Crash safety: a cache is written to ``CACHE.h5.tmp-<pid>`` and renamed onto ``CACHE.h5`` only when
 complete (attribute ``complete`` = 1 set last), so a killed run never leaves a file that reads as a
 complete cache, and an older cache at that path survives until the new one is whole. Derived groups are
@@ -27,6 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,6 +56,37 @@ NORMALISATIONS = ("percentile", "minmax", "none")
 COMPRESSIONS = ("lzf", "gzip", "none")
 DEFAULT_COMPRESSION = "gzip"  # level 1; chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
 _STR = h5py.string_dtype(encoding="utf-8")
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))  # inflation threads per open cache
+
+try:  # libdeflate (via imagecodecs, a dependency) inflates ~2-3x faster than zlib; zlib is the fallback
+    import imagecodecs as _imagecodecs
+
+    _deflate_decode = _imagecodecs.deflate_decode if _imagecodecs.DEFLATE.available else None
+except Exception:  # pragma: no cover - imagecodecs without libdeflate
+    _deflate_decode = None
+
+
+def label_dtype(size: int) -> np.dtype:
+    """Stored label dtype for S x S patches: ids are consecutive per patch, so id <= S * S."""
+    return np.dtype(np.uint16) if size * size < 65536 else np.dtype(np.uint32)
+
+
+def _raw_codec(dset: h5py.Dataset) -> str | None:
+    """'gzip' or 'none' when ``dset``'s chunks can be read raw and decoded here, else None.
+
+    Requires one leading-axis item per chunk and a filter pipeline that is empty or deflate alone.
+    """
+    if dset.chunks is None or tuple(dset.chunks) != (1,) + tuple(dset.shape[1:]):
+        return None
+    if dset.dtype.kind not in "uif" or dset.dtype.hasobject:
+        return None
+    plist = dset.id.get_create_plist()
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    if not filters:
+        return "none"
+    if filters == [h5py.h5z.FILTER_DEFLATE]:
+        return "gzip"
+    return None
 
 
 @dataclass(frozen=True)
@@ -211,24 +251,86 @@ class PatchCache:
         return self.sources[self.patch_source]
 
     # arrays ----------------------------------------------------------------------------------
-    def _take(self, name: str, indices) -> np.ndarray:
+    def _take(self, name: str, indices, dtype=None) -> np.ndarray:
+        """Patches ``indices`` (any order, repeats allowed) of dataset ``name`` as ``dtype`` (default: stored)."""
         idx = np.asarray(indices, dtype=np.int64).ravel()
         n = len(self)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
             raise InputError(f"{self.path}: patch index {bad} is outside the cache (0..{n - 1})")
         dset = self._h5[name]
+        dtype = np.dtype(dset.dtype if dtype is None else dtype)
+        out = np.empty((idx.size,) + dset.shape[1:], dtype)
         if idx.size == 0:
-            return np.empty((0,) + dset.shape[1:], dset.dtype)
+            return out
+        codec = _raw_codec(dset)
+        if codec is not None:
+            self._take_raw(dset, codec, idx, out)
+            return out
         # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
         uniq = np.unique(idx)
         if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
             block = dset[int(uniq[0]):int(uniq[-1]) + 1]
-            return block[idx - uniq[0]]
-        out = np.empty((idx.size,) + dset.shape[1:], dset.dtype)
+            out[...] = block[idx - uniq[0]]
+            return out
         for k, i in enumerate(idx):
             dset.read_direct(out, np.s_[int(i)], np.s_[k])
         return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if getattr(self, "_executor", None) is None:
+            self._executor = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="dqtool-cache")
+        return self._executor
+
+    def _take_raw(self, dset: h5py.Dataset, codec: str, idx: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out[k]`` with patch ``idx[k]``: stored chunk bytes read here (HDF5 is serial), inflated
+        by libdeflate (or zlib) in the pool (both release the GIL). A chunk whose filter was skipped (filter mask != 0)
+        or that does not decode to one patch is read through h5py instead."""
+        item = dset.shape[1:]
+        nbytes = int(np.prod(item)) * dset.dtype.itemsize
+        zeros = (0,) * len(item)
+        first: dict[int, int] = {}
+        repeats = []
+
+        direct = out.dtype == dset.dtype and out.flags.c_contiguous  # inflate straight into ``out``
+
+        def decode(k: int, raw: bytes) -> bool:
+            try:
+                if codec == "none":
+                    data = raw
+                elif direct and _deflate_decode is not None:
+                    return len(_deflate_decode(raw, out=out[k].reshape(-1).view(np.uint8))) == nbytes
+                elif _deflate_decode is not None:
+                    data = _deflate_decode(raw, out=nbytes)
+                else:
+                    data = zlib.decompress(raw, 15, nbytes)
+            except Exception:  # corrupt or oversized chunk: let h5py read it (and raise its own error)
+                return False
+            if len(data) != nbytes:
+                return False
+            out[k] = np.frombuffer(data, dset.dtype).reshape(item)
+            return True
+
+        jobs = []
+        pool = self._pool() if codec == "gzip" else None
+        for k, i in enumerate(idx.tolist()):
+            if i in first:
+                repeats.append((k, first[i]))
+                continue
+            first[i] = k
+            mask, raw = dset.id.read_direct_chunk((i,) + zeros)
+            if mask != 0:
+                jobs.append((k, i, None))
+            elif pool is None:
+                jobs.append((k, i, decode(k, raw)))
+            else:
+                jobs.append((k, i, pool.submit(decode, k, raw)))
+        for k, i, job in jobs:
+            ok = job if isinstance(job, bool) else (job is not None and job.result())
+            if not ok:
+                dset.read_direct(out, np.s_[i], np.s_[k])
+        for k, src in repeats:
+            out[k] = out[src]
 
     def images(self, indices) -> np.ndarray:
         """uint8 (n, S, S, C) patches in the order of ``indices``."""
@@ -239,10 +341,10 @@ class PatchCache:
         return self.images(indices).astype(np.float32) / 255.0
 
     def labels(self, indices) -> np.ndarray:
-        """uint32 (n, S, S) label patches (consecutive ids per patch)."""
+        """uint32 (n, S, S) label patches (consecutive ids per patch), whatever the stored dtype."""
         if not self.has_labels:
             raise InputError(f"{self.path}: this cache was built from unlabelled images")
-        return self._take("labels", indices)
+        return self._take("labels", indices, np.uint32)
 
     def torch_images(self, indices):
         """torch float32 (n, C, S, S) in [0, 1]."""
@@ -317,6 +419,9 @@ class PatchCache:
                 "patches_per_source": per_source, "datasets": datasets, "derived": self.group_names()}
 
     def close(self):
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None:
+            executor.shutdown(wait=True)
         if getattr(self, "_h5", None) is not None and self._h5.id.valid:
             self._h5.close()
 
@@ -432,7 +537,7 @@ def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: 
                                    chunks=(1, size, size, n_chan), compression=comp, compression_opts=comp_opts)
         labels = None
         if has_labels:
-            labels = h5.create_dataset("labels", (0, size, size), np.uint32, maxshape=(None, size, size),
+            labels = h5.create_dataset("labels", (0, size, size), label_dtype(size), maxshape=(None, size, size),
                                        chunks=(1, size, size), compression=comp, compression_opts=comp_opts)
         p_src, p_dom, p_off, shapes = [], [], [], []
         n = 0
