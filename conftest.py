@@ -27,3 +27,13 @@ def real_data() -> Path:
             pytest.fail(f"shared real data not found at {REAL}")
         pytest.skip(f"shared real data not found at {REAL}")
     return REAL
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread: on 2 cores shared by several runs, OpenMP spinning made torch ~20x slower
+    with 2 threads. Results do not depend on it (every test compares against a reference, not a time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

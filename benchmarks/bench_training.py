@@ -28,14 +28,6 @@ from dqtool.training import TrainConfig, build_net, load_patches, train
 ROUNDS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cyto_cache(real_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("cache") / "cyto.h5"

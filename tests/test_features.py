@@ -19,15 +19,6 @@ from dqtool.features import (FEATURES_GROUP, auto_epochs, embed_cache, extract_f
 from dqtool.mae import CONFIGS, encoder_hash
 from dqtool_cli.main import cli
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two cores shared by several test runs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FAST = dict(epochs=1, batch_size=8, seed=0)  # 12 patches -> 2 pretraining steps
 
 

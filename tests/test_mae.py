@@ -13,15 +13,6 @@ from dqtool.features import load_mae_weights
 from dqtool.mae import (CONFIGS, MAEConfig, MaskedAutoencoderViT, config_from_state_dict, encoder_hash,
                         encoder_state_dict, sincos_pos_embed_2d)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two cores shared by several test runs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MICRO = MAEConfig("micro", embed_dim=16, depth=2, num_heads=2, decoder_embed_dim=8, decoder_depth=1,
                   decoder_num_heads=2, img_size=32, patch_size=8)
 

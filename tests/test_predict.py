@@ -13,14 +13,6 @@ from dqtool.predict import PredictOptions, list_images, mask_name, predict
 from dqtool.training import build_net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A Cellpose network with seeded random weights (what it predicts does not matter here)."""

@@ -50,15 +50,6 @@ def cache(tmp_path_factory):
     return build_cache_from_arrays(path, images, labels, ["a", "b"], domain="discs", size=64, stride=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The 2 shared cores are oversubscribed; OpenMP spinning makes torch ~20x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = dict(bsize=32, batch_size=4, min_train_masks=1, save_every=2)
 
 

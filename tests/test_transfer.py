@@ -20,14 +20,6 @@ from test_training import discs
 CONFIG = TrainConfig(n_epochs=2, bsize=32, batch_size=4, min_train_masks=1, save_every=50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two tiny domains (caches + Cellpose-layout test folders) and a seeded random Cellpose model."""
