@@ -260,75 +260,79 @@ class PatchCache:
             raise InputError(f"{self.path}: patch index {bad} is outside the cache (0..{n - 1})")
         dset = self._h5[name]
         dtype = np.dtype(dset.dtype if dtype is None else dtype)
-        out = np.empty((idx.size,) + dset.shape[1:], dtype)
-        if idx.size == 0:
-            return out
+        out = np.empty((idx.size,) + dset.shape[1:], dset.dtype)  # stored dtype; one cast at the end
         codec = _raw_codec(dset)
-        if codec is not None:
+        if idx.size == 0:
+            pass
+        elif codec is not None:
             self._take_raw(dset, codec, idx, out)
-            return out
-        # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
-        uniq = np.unique(idx)
-        if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
-            block = dset[int(uniq[0]):int(uniq[-1]) + 1]
-            out[...] = block[idx - uniq[0]]
-            return out
-        for k, i in enumerate(idx):
-            dset.read_direct(out, np.s_[int(i)], np.s_[k])
-        return out
+        else:
+            # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
+            uniq = np.unique(idx)
+            if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
+                out = dset[int(uniq[0]):int(uniq[-1]) + 1][idx - uniq[0]]
+            else:
+                for k, i in enumerate(idx):
+                    dset.read_direct(out, np.s_[int(i)], np.s_[k])
+        return out if out.dtype == dtype else out.astype(dtype)
 
     def _pool(self) -> ThreadPoolExecutor:
         if getattr(self, "_executor", None) is None:
-            self._executor = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="dqtool-cache")
+            self._executor = ThreadPoolExecutor(max_workers=READ_THREADS - 1, thread_name_prefix="dqtool-cache")
         return self._executor
 
     def _take_raw(self, dset: h5py.Dataset, codec: str, idx: np.ndarray, out: np.ndarray) -> None:
-        """Fill ``out[k]`` with patch ``idx[k]``: stored chunk bytes read here (HDF5 is serial), inflated
-        by libdeflate (or zlib) in the pool (both release the GIL). A chunk whose filter was skipped (filter mask != 0)
-        or that does not decode to one patch is read through h5py instead."""
-        item = dset.shape[1:]
-        nbytes = int(np.prod(item)) * dset.dtype.itemsize
-        zeros = (0,) * len(item)
+        """Fill ``out[k]`` (of ``dset``'s dtype) with patch ``idx[k]``.
+
+        Each distinct patch's stored chunk is read once (``read_direct_chunk``; HDF5 reads serially), then
+        the chunks are inflated straight into ``out`` by libdeflate (zlib if missing), split into
+        ``READ_THREADS`` groups: ``READ_THREADS - 1`` in the pool and one in this thread (both codecs
+        release the GIL). A chunk whose filter was skipped (filter mask != 0), or that does not inflate to
+        exactly one patch, is read through h5py instead (which raises its own error on corrupt data).
+        """
+        nbytes = out[0].nbytes
+        zeros = (0,) * (dset.ndim - 1)
         first: dict[int, int] = {}
-        repeats = []
-
-        direct = out.dtype == dset.dtype and out.flags.c_contiguous  # inflate straight into ``out``
-
-        def decode(k: int, raw: bytes) -> bool:
-            try:
-                if codec == "none":
-                    data = raw
-                elif direct and _deflate_decode is not None:
-                    return len(_deflate_decode(raw, out=out[k].reshape(-1).view(np.uint8))) == nbytes
-                elif _deflate_decode is not None:
-                    data = _deflate_decode(raw, out=nbytes)
-                else:
-                    data = zlib.decompress(raw, 15, nbytes)
-            except Exception:  # corrupt or oversized chunk: let h5py read it (and raise its own error)
-                return False
-            if len(data) != nbytes:
-                return False
-            out[k] = np.frombuffer(data, dset.dtype).reshape(item)
-            return True
-
-        jobs = []
-        pool = self._pool() if codec == "gzip" else None
+        repeats, jobs, slow = [], [], []
         for k, i in enumerate(idx.tolist()):
             if i in first:
                 repeats.append((k, first[i]))
                 continue
             first[i] = k
             mask, raw = dset.id.read_direct_chunk((i,) + zeros)
-            if mask != 0:
-                jobs.append((k, i, None))
-            elif pool is None:
-                jobs.append((k, i, decode(k, raw)))
-            else:
-                jobs.append((k, i, pool.submit(decode, k, raw)))
-        for k, i, job in jobs:
-            ok = job if isinstance(job, bool) else (job is not None and job.result())
-            if not ok:
-                dset.read_direct(out, np.s_[i], np.s_[k])
+            (slow if mask != 0 else jobs).append((k, i, raw))
+
+        def decode(group) -> list:
+            failed = []
+            for k, i, raw in group:
+                dst = out[k].reshape(-1).view(np.uint8)
+                try:
+                    if codec == "none":
+                        ok = len(raw) == nbytes
+                        if ok:
+                            dst[:] = np.frombuffer(raw, np.uint8)
+                    elif _deflate_decode is not None:
+                        ok = len(_deflate_decode(raw, out=dst)) == nbytes
+                    else:
+                        data = zlib.decompress(raw, 15, nbytes)
+                        ok = len(data) == nbytes
+                        if ok:
+                            dst[:] = np.frombuffer(data, np.uint8)
+                except Exception:  # corrupt or oversized chunk
+                    ok = False
+                if not ok:
+                    failed.append((k, i, raw))
+            return failed
+
+        n_groups = min(READ_THREADS, len(jobs)) if codec == "gzip" else 1
+        groups = [jobs[g::n_groups] for g in range(n_groups)] if jobs else []
+        futures = [self._pool().submit(decode, g) for g in groups[1:]]
+        if groups:
+            slow += decode(groups[0])
+        for fut in futures:
+            slow += fut.result()
+        for k, i, _ in slow:
+            dset.read_direct(out, np.s_[i], np.s_[k])
         for k, src in repeats:
             out[k] = out[src]
 
