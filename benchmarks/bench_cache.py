@@ -3,7 +3,8 @@
 The outside alternative for reading is what a training loop does without a cache: decode the source
 image (and its label file) and slice the window, for each of the 8 patches. Both run in the same session
 on the real Cell Tracking Challenge images (../shared/data/real/cyto_ctc, LZW TIFFs) and on the embedded
-default data. The codec benchmarks pick the cache's default compression: same batches, lzf vs gzip vs none.
+default data. The codec benchmarks pick the cache's default compression: same batches, lzf vs gzip vs none;
+``test_codec_subset_70`` reads a 10 % subset (70 patches) with PatchCache and with h5py per-patch reads.
 """
 
 from __future__ import annotations
@@ -94,3 +95,47 @@ def test_build_cache_default_data(benchmark, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "train.h5"
     report = benchmark.pedantic(lambda: build_cache(datasets, out, force=True, quiet=True), rounds=3, iterations=1)
     assert report.n_patches > 100
+
+
+def _h5py_per_patch(c, name, idx, dtype):
+    """The previous read path: h5py decodes each patch (one chunk) with its serial filter pipeline."""
+    dset = c._h5[name]
+    out = np.empty((len(idx),) + dset.shape[1:], dtype)
+    for k, i in enumerate(idx):
+        dset.read_direct(out, np.s_[int(i)], np.s_[k])
+    return out
+
+
+@pytest.mark.parametrize("codec", ["lzf", "gzip", "none"])
+def test_codec_subset_70(benchmark, caches, codec):
+    """A 10 % random subset (70 patches, images + labels as uint32): PatchCache vs h5py per-patch reads of
+    the same file (interleaved rounds; min and median printed)."""
+    import time
+
+    path = caches[codec]
+    idx = np.sort(np.random.default_rng(0).choice(702, 70, replace=False))
+    with PatchCache(path) as c:
+        def ours():
+            return c.images(idx), c.labels(idx)
+
+        def h5py_reads():
+            return _h5py_per_patch(c, "images", idx, np.uint8), _h5py_per_patch(c, "labels", idx, np.uint32)
+
+        got, ref = ours(), h5py_reads()
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
+        times = {"dqtool": [], "h5py": []}
+        for _ in range(15):
+            for key, fn in (("dqtool", ours), ("h5py", h5py_reads)):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+        mins = {k: min(v) for k, v in times.items()}
+        meds = {k: float(np.median(v)) for k, v in times.items()}
+        benchmark.extra_info.update(labels_dtype=str(c._h5["labels"].dtype), file_mb=round(path.stat().st_size / 2**20, 1),
+                                    **{f"{k}_min_ms": round(v * 1e3, 2) for k, v in mins.items()},
+                                    **{f"{k}_median_ms": round(v * 1e3, 2) for k, v in meds.items()},
+                                    speedup_min=round(mins["h5py"] / mins["dqtool"], 2))
+        print(f"\n{codec}: 70 patches, PatchCache {mins['dqtool'] * 1e3:.1f} ms (median {meds['dqtool'] * 1e3:.1f}); "
+              f"h5py per patch {mins['h5py'] * 1e3:.1f} ms (median {meds['h5py'] * 1e3:.1f}); "
+              f"{mins['h5py'] / mins['dqtool']:.1f}x")
+        benchmark(ours)
