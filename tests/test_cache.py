@@ -327,3 +327,17 @@ def test_corrupt_chunk_raises_like_h5py(tmp_path):
         assert c.images([0]).shape == (1, 64, 64, 1)
         with pytest.raises(OSError):
             c.images([0, 1])
+
+
+def test_index_arrays_load_lazily_and_after_close(tmp_path):
+    img, lab = _labelled_pair()
+    path = build_cache_from_arrays(tmp_path / "a.h5", [img], [lab], ["a"], domain="dom", size=128, stride=64)
+    with h5py.File(path, "r") as h5:
+        want_offsets, want_src = h5["patch_offset"][()], h5["patch_source"][()]
+    c = PatchCache(path)
+    assert "offsets" not in vars(c)  # nothing read at open
+    assert np.array_equal(c.offsets, want_offsets)
+    c.close()
+    # first use after close reopens the file for the read
+    assert np.array_equal(c.patch_source, want_src) and list(c.domain_of_patch) == ["dom"] * len(want_src)
+    assert list(c.source_shape[0]) == [300, 260]
