@@ -131,7 +131,8 @@ def test_codec_subset_70(benchmark, caches, codec):
                 times[key].append(time.perf_counter() - t0)
         mins = {k: min(v) for k, v in times.items()}
         meds = {k: float(np.median(v)) for k, v in times.items()}
-        benchmark.extra_info.update(labels_dtype=str(c._h5["labels"].dtype), file_mb=round(path.stat().st_size / 2**20, 1),
+        benchmark.extra_info.update(labels_dtype=str(c._h5["labels"].dtype),
+                                    file_mb=round(path.stat().st_size / 2**20, 1),
                                     **{f"{k}_min_ms": round(v * 1e3, 2) for k, v in mins.items()},
                                     **{f"{k}_median_ms": round(v * 1e3, 2) for k, v in meds.items()},
                                     speedup_min=round(mins["h5py"] / mins["dqtool"], 2))

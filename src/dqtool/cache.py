@@ -20,8 +20,9 @@ Schema (``schema_version`` 1; N patches of S x S with C channels, M source image
 
 Reading: with one patch per chunk and a gzip (deflate only) or no filter, ``PatchCache`` reads each
 chunk's stored bytes (``read_direct_chunk``) and inflates them with libdeflate (imagecodecs; zlib if
-missing) in a small thread pool (both release the GIL; HDF5's filter pipeline runs serially); other layouts (lzf,
-shuffle, a chunk stored unfiltered) go through h5py. Both give the same bytes.
+missing) in a small thread pool (both release the GIL; HDF5's filter pipeline runs serially); other
+layouts (lzf, shuffle, a chunk stored unfiltered) go through h5py. Both give the same bytes. The label
+dtype change kept ``schema_version`` 1: every reader casts to uint32, so old and new files read alike.
 
 Crash safety: a cache is written to ``CACHE.h5.tmp-<pid>`` and renamed onto ``CACHE.h5`` only when
 complete (attribute ``complete`` = 1 set last), so a killed run never leaves a file that reads as a
