@@ -246,6 +246,14 @@ def test_rank_models_bad_input(tmp_path, bank):
         R.rank_models(tmp_path / "nope", bank / "images")
 
 
+def test_find_labels_never_returns_the_image_itself(tmp_path):
+    """A Cellpose-layout folder given as both --images and --labels: 000_img.png pairs with 000_masks.png."""
+    for name in ("000_img.png", "000_masks.png", "plain.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert R.find_labels(tmp_path, tmp_path / "000_img.png").name == "000_masks.png"
+    assert R.find_labels(tmp_path, tmp_path / "plain.png") is None
+
+
 def test_find_labels_name_variants(tmp_path):
     for name in ("a.tif", "b_label.tiff", "c_masks.png"):
         (tmp_path / name).write_bytes(b"")

@@ -177,14 +177,19 @@ def load_target_images(files: Sequence[Path]) -> list[np.ndarray]:
 
 
 def find_labels(labels_dir: str | os.PathLike, image: Path) -> Path | None:
-    """The label file of ``image`` in ``labels_dir``: same stem, or stem + _label(s)/_masks/_cp_masks."""
+    """The label file of ``image`` in ``labels_dir``: same stem, or stem + _label(s)/_masks/_cp_masks.
+
+    Never the image itself: in a Cellpose-layout folder (``000_img.png`` beside ``000_masks.png``) passed as both
+    ``--images`` and ``--labels``, the same-stem candidate is the image, and ``000_masks.png`` is its label.
+    """
     root = Path(labels_dir)
+    itself = image.resolve()
     stem = image.stem[:-4] if image.stem.endswith("_img") else image.stem
     names = [image.stem, stem, f"{stem}_label", f"{stem}_labels", f"{stem}_masks", f"{stem}_mask"]
     for name in names:
         for suffix in (".tif", ".tiff", ".png", ".bmp"):
             p = root / f"{name}{suffix}"
-            if p.is_file():
+            if p.is_file() and p.resolve() != itself:
                 return p
     return None
 
