@@ -77,8 +77,8 @@ def test_score_model_matches_direct_computation(perturbation, strength):
     model = TinyCellpose(seed=1)
     inputs = [blob_image(s) for s in range(3)]
     labels = [connected_components(x > 0.5) for x in inputs]
-    records, seconds = R.score_model(model, inputs, perturbation, strength, seed=4, labels=labels)
-    assert seconds > 0 and len(records) == 3
+    records, inference_time = R.score_model(model, inputs, perturbation, strength, seed=4, labels=labels)
+    assert len(records) == 3 and inference_time >= 0.0  # reported, never compared with a budget
     for i, x in enumerate(inputs):
         m0, (_, _, c0), _ = model.eval(x, [0, 0], {"normalize": False}, None, 8)
         if perturbation == "dropout":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import save_figure
 from .errors import InputError
 from .tables import format_markdown, write_json, write_table
 from .training import TrainConfig, load_patches, train_patches
@@ -140,11 +141,7 @@ def plot_rate_curve(rows: list[dict], path: Path, metric: str, full: float | Non
     ax.set_title("redundancy: score vs rate")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.PathLike, quick: bool = False,

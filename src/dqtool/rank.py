@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .figures import save_figure
 from .consistency import adapted_rand, cellprob_to_probability, semantic_consistency
 from .errors import InputError
 from .io import is_image_file, read_image, read_labels, to_gray
@@ -349,11 +350,7 @@ def plot_ranking(result: RankResult, path: str | os.PathLike) -> Path:
         ax2.set_title("consistency vs performance")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_outputs(result: RankResult, out: str | os.PathLike, image_names: Sequence[str]) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from .figures import save_figure
 from .errors import InputError
 from .progress import progress
 from .tables import write_json, write_table
@@ -102,11 +103,7 @@ def _plot(rows: list[dict], perturbations, path: Path) -> Path:
         ax.set_ylabel("F1 at IoU 0.5 (target labels)")
         ax.set_title(f"{pert}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BANK,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import save_figure
 from .cache import PatchCache
 
 
@@ -50,9 +51,7 @@ def plot_embedding(features, dq, rnd, bin_of, path) -> Path:
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _spread(indices: np.ndarray, k: int) -> np.ndarray:
@@ -80,9 +79,7 @@ def plot_patch_grid(cache: PatchCache, dq, rnd, path, per_side: int = 16) -> Pat
     axes[0, cols + 1].set_title("random", loc="left", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_selection(cache_path, features, dq, rnd, bin_of, out_dir, suffix: str = "") -> list[Path]:

@@ -46,6 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .figures import save_figure
 from .errors import InputError
 from .progress import bar
 from .tables import atomic_write_text, write_json
@@ -411,11 +412,7 @@ def plot_losses(losses: Sequence[float], path: str | os.PathLike, title: str = "
     ax.set_ylabel("train loss")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _save_state(path: Path, obj) -> None:

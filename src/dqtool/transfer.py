@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .figures import save_figure
 from .errors import InputError
 from .tables import format_markdown, write_json, write_table
 from .training import TrainConfig, TrainResult, check_channels, check_model_path, file_digest, load_patches, \
@@ -176,11 +177,7 @@ def plot_forgetting(rows: list[dict], path: Path, title: str = "forgetting matri
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
