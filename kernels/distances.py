@@ -97,14 +97,9 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _sq_dist_tile_kernel(a_ptr, b_ptr, out_ptr, M, N, D,
-                             stride_am, stride_bn, stride_om,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One (BLOCK_M, BLOCK_N) tile of ||a||^2 + ||b||^2 - 2 a.b, clamped at 0."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _tile_sq_dist(a_ptr, b_ptr, rm, rn, M, N, D, stride_am, stride_bn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) tile of ||a_m||^2 + ||b_n||^2 - 2 a_m.b_n for rows rm of a and rn of b, clamped at 0."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         na = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nb = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -118,7 +113,18 @@ if triton_available():
             acc += tl.dot(a, tl.trans(b), input_precision="ieee")
             na += tl.sum(a * a, axis=1)
             nb += tl.sum(b * b, axis=1)
-        dist = tl.maximum(na[:, None] + nb[None, :] - 2.0 * acc, 0.0)
+        return tl.maximum(na[:, None] + nb[None, :] - 2.0 * acc, 0.0)
+
+    @triton.jit
+    def _sq_dist_tile_kernel(a_ptr, b_ptr, out_ptr, M, N, D,
+                             stride_am, stride_bn, stride_om,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of ||a||^2 + ||b||^2 - 2 a.b, clamped at 0."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        dist = _tile_sq_dist(a_ptr, b_ptr, rm, rn, M, N, D, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_D)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], dist,
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -132,19 +138,7 @@ if triton_available():
         arg = tl.zeros((BLOCK_M,), dtype=tl.int64)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            na = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            nb = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                rd = d0 + tl.arange(0, BLOCK_D)
-                a = tl.load(a_ptr + rm[:, None] * stride_am + rd[None, :],
-                            mask=(rm[:, None] < M) & (rd[None, :] < D), other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + rn[:, None] * stride_bn + rd[None, :],
-                            mask=(rn[:, None] < N) & (rd[None, :] < D), other=0.0).to(tl.float32)
-                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-                na += tl.sum(a * a, axis=1)
-                nb += tl.sum(b * b, axis=1)
-            dist = tl.maximum(na[:, None] + nb[None, :] - 2.0 * acc, 0.0)
+            dist = _tile_sq_dist(a_ptr, b_ptr, rm, rn, M, N, D, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_D)
             dist = tl.where(rn[None, :] < N, dist, float("inf"))
             tile_min = tl.min(dist, axis=1)
             tile_arg = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int64) + n0
