@@ -32,6 +32,7 @@ Kernels take arrays and return arrays; they know nothing of files, the CLI or Ce
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -324,8 +325,13 @@ def _rand_row(u, v, r, a, b, keys, counts, stride):
     return added
 
 
-@numba.njit(cache=True)
-def _rand_numba(u, v, n_u, n_v, capacity):
+@numba.njit(cache=True, nogil=True)
+def _rand_band(u, v, r0, r1, n_u, n_v, capacity):
+    """Rows r0..r1-1 of the fused pass: (pair keys, their counts, a, b) for that band of rows.
+
+    The band test of a row reads the rows above and below it, which may lie in another band: bands
+    share nothing but read-only pixels, so they run in parallel threads (nogil).
+    """
     h, w = u.shape
     a = np.zeros(n_u + 1, np.int64)
     b = np.zeros(n_v + 1, np.int64)
@@ -333,22 +339,63 @@ def _rand_numba(u, v, n_u, n_v, capacity):
     counts = np.zeros(capacity, np.int64)
     used = 0
     stride = np.int64(n_v + 1)
-    for r in range(h):
+    for r in range(r0, r1):
         # a row adds at most w keys: grow before it so the load factor stays below 1/2
         while 2 * (used + w) > keys.shape[0]:
             keys, counts = _rehash(keys, counts)
         used += _rand_row(u, v, r, a, b, keys, counts, stride)
-    same = np.int64(0)
+    out_keys = np.empty(used, np.int64)
+    out_counts = np.empty(used, np.int64)
+    k = 0
     for i in range(keys.shape[0]):
-        n = counts[i]
-        same += n * (n - 1)
-    ref = np.int64(0)
-    for i in range(a.shape[0]):
-        ref += a[i] * (a[i] - 1)
-    test = np.int64(0)
-    for j in range(b.shape[0]):
-        test += b[j] * (b[j] - 1)
-    return same, ref, test
+        if keys[i] != _EMPTY:
+            out_keys[k] = keys[i]
+            out_counts[k] = counts[i]
+            k += 1
+    return out_keys, out_counts, a, b
+
+
+@numba.njit(cache=True)
+def _merge_pair_sum(keys, counts):
+    """sum over distinct keys of n (n - 1), n = the summed counts of that key (keys from all bands)."""
+    order = np.argsort(keys)
+    total = np.int64(0)
+    i = 0
+    while i < order.shape[0]:
+        key = keys[order[i]]
+        n = np.int64(0)
+        while i < order.shape[0] and keys[order[i]] == key:
+            n += counts[order[i]]
+            i += 1
+        total += n * (n - 1)
+    return total
+
+
+@numba.njit(cache=True)
+def _array_pair_sum(x):
+    total = np.int64(0)
+    for i in range(x.shape[0]):
+        total += x[i] * (x[i] - 1)
+    return total
+
+
+def _rand_numba(u, v, n_u, n_v, capacity, threads=1):
+    """The pass over ``threads`` bands of rows (parallel, nogil), merged into (same, ref, test)."""
+    h = u.shape[0]
+    bounds = np.linspace(0, h, max(1, min(threads, h)) + 1).astype(np.int64)
+    jobs = [(int(r0), int(r1)) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+    if len(jobs) == 1:
+        parts = [_rand_band(u, v, 0, h, n_u, n_v, capacity)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            parts = list(pool.map(lambda job: _rand_band(u, v, job[0], job[1], n_u, n_v, capacity), jobs))
+    keys = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    a = parts[0][2] if len(parts) == 1 else np.sum([p[2] for p in parts], axis=0)
+    b = parts[0][3] if len(parts) == 1 else np.sum([p[3] for p in parts], axis=0)
+    return _merge_pair_sum(keys, counts), _array_pair_sum(a), _array_pair_sum(b)
 
 
 def _next_pow2(n: int) -> int:
@@ -388,13 +435,35 @@ def _prepare_labels(u, v):
     return u, v, n_u, n_v
 
 
-def rand_pair_counts_numba(u: np.ndarray, v: np.ndarray):
-    """numba CPU path: one fused pass (band test, row/column sums, open-addressing hash of n_ij)."""
+#: below this many pixels one thread is faster than starting a pool
+_PARALLEL_PIXELS = 1 << 18
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def rand_pair_counts_numba(u: np.ndarray, v: np.ndarray, threads: int | None = None):
+    """numba CPU path: one fused pass (band test, row/column sums, open-addressing hash of n_ij).
+
+    ``threads`` bands of rows run in parallel (default: the CPUs this process may use, one thread
+    for maps under 2**18 pixels); every band keeps its own table and sums, merged exactly after.
+    """
     u, v, n_u, n_v = _prepare_labels(u, v)
     u = np.ascontiguousarray(u)
     v = np.ascontiguousarray(v)
-    capacity = _next_pow2(4 * (n_u + n_v) + 4 * u.shape[1] + 64)
-    same, ref, test = _rand_numba(u, v, n_u, n_v, capacity)
+    if threads is None:
+        threads = _default_threads() if u.size >= _PARALLEL_PIXELS else 1
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    # per-band sums are (n_u + n_v) long: keep huge id ranges on one band rather than copy them per thread
+    if (n_u + n_v) * int(threads) > 8 * u.size + 4096:
+        threads = 1
+    capacity = _next_pow2(4 * (n_u + n_v) // max(1, int(threads)) + 4 * u.shape[1] + 64)
+    same, ref, test = _rand_numba(u, v, n_u, n_v, capacity, int(threads))
     return int(same), int(ref), int(test)
 
 

@@ -136,6 +136,19 @@ def test_rand_numba_hash_grows_and_sparse_ids():
     assert C.adapted_rand(u, v) == pytest.approx(skimage_rand(u, v), abs=1e-9)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 7, 200])
+def test_rand_numba_bands_of_rows_merge_exactly(threads):
+    # instances span the band borders (rows of a band read the rows above and below it); more bands
+    # than rows clamps to one band per row
+    u = blobs((150, 90), 40, seed=11)
+    v = np.roll(blobs((150, 90), 35, seed=12), 3, axis=0)
+    want = K.rand_pair_counts_reference(u, v)
+    assert K.rand_pair_counts_numba(u, v, threads=threads) == want
+    assert K.rand_pair_counts_numba(u[:1], v[:1], threads=threads) == K.rand_pair_counts_reference(u[:1], v[:1])
+    with pytest.raises(ValueError, match="threads"):
+        K.rand_pair_counts_numba(u, v, threads=0)
+
+
 def test_rand_triton_on_label_dtypes_and_singletons():
     u = blobs((30, 34), 8, seed=6).astype(np.uint16)
     v = np.zeros_like(u)
