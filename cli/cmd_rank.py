@@ -49,11 +49,11 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
 @click.option("--target", type=click.Choice(["fluo", "histo", "multi"]), default="fluo", show_default=True,
               help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, subsets, training, perturbations.")
-@click.option("--quick", is_flag=True, help="6-24 epochs of 8 patches per model instead of 15-40 of 16 (CPU budget).")
+@click.option("--quick", is_flag=True, help="6 models of 15-30 epochs of 8 patches instead of 8 of 15-60 epochs of 16 (CPU budget).")
 @quiet_option
 @user_errors
 def rank_study_cmd(out, target, seed, quick, quiet):
-    """Evidence: train a bank of 6 graded models on the embedded domains and rank it on TARGET."""
+    """Evidence: train a bank of graded models on the embedded domains and rank it on TARGET."""
     from dqtool.rank_study import DEFAULT_BANK, QUICK_BANK, rank_study
     from dqtool.tables import format_markdown
 
