@@ -126,7 +126,8 @@ def _renumber(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # numba path
 
-_BLOCK = 16  # pixels compared at once against the current run (SIMD-friendly)
+_BLOCK = 64  # pixels compared at once against the current run (SIMD-friendly)
+_SUB = 8  # a block that breaks the run is rechecked in sub-blocks of 8 before pixel by pixel
 _WAYS = 4  # per true id, the table slots of its last 4 pairs: most runs repeat one of them
 _OVERFLOW = 1  # the pair table passed half load: run again with a bigger one
 _ID_TOO_LARGE = 2  # an id beyond the per-id arrays: measure the ids, run again with exact sizes
@@ -187,7 +188,7 @@ def _overlap_kernel(t, p, size_t, size_p, capacity):
     """One pass: per-id sizes and (true, pred) -> count for both > 0; no dense n_true x n_pred matrix.
 
     Neighbouring pixels mostly repeat the (true, pred) pair, so the pass counts runs of equal pairs
-    (whole blocks of 16 at a time when they match: a fixed-length compare the compiler vectorises)
+    (whole blocks of 64, then of 8, at a time when they match: fixed-length compares that vectorise)
     and touches the pair table (open addressing, ``capacity`` slots, a power of two) only when a run
     ends; a small per-true-id cache of recent pairs skips most hash lookups. Nothing is reallocated
     inside the loop (that would cost reference counting on every run): the kernel stops with a status
@@ -212,23 +213,30 @@ def _overlap_kernel(t, p, size_t, size_p, capacity):
     n_blocks = n // _BLOCK
     for block in range(n_blocks):
         begin = block * _BLOCK
-        same = 0
+        diff = 0  # xor-or over the block: zero iff every pixel repeats the run's pair (vectorises)
         for j in range(begin, begin + _BLOCK):
-            same += (t[j] == last_a) & (p[j] == last_b)
-        if same == _BLOCK:
+            diff |= (t[j] ^ last_a) | (p[j] ^ last_b)
+        if diff == 0:
             run += _BLOCK
             continue
-        for j in range(begin, begin + _BLOCK):
-            if t[j] == last_a and p[j] == last_b:
-                run += 1
-            else:
-                n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
-                                n_used, cached_pred, cached_slot)
-                if n_used < 0:
-                    return -n_used, true_size, pred_size, empty, empty, empty
-                last_a = t[j]
-                last_b = p[j]
-                run = 1
+        for sub in range(begin, begin + _BLOCK, _SUB):
+            diff = 0
+            for j in range(sub, sub + _SUB):
+                diff |= (t[j] ^ last_a) | (p[j] ^ last_b)
+            if diff == 0:
+                run += _SUB
+                continue
+            for j in range(sub, sub + _SUB):
+                if t[j] == last_a and p[j] == last_b:
+                    run += 1
+                else:
+                    n_used = _flush(np.int64(last_a), np.int64(last_b), run, true_size, pred_size, keys, counts,
+                                    n_used, cached_pred, cached_slot)
+                    if n_used < 0:
+                        return -n_used, true_size, pred_size, empty, empty, empty
+                    last_a = t[j]
+                    last_b = p[j]
+                    run = 1
     for j in range(n_blocks * _BLOCK, n):
         if t[j] == last_a and p[j] == last_b:
             run += 1

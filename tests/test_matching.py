@@ -212,3 +212,17 @@ def test_chunked_threads_equal_one_pass():
     assert_same_overlap(m.overlap_reference(y_true, y_pred), one)
     big_ids = np.where(y_true > 0, y_true + 10_000, 0)  # the exact-size second pass, chunked
     assert_same_overlap(m.overlap_numba(big_ids, y_pred, threads=2), m.overlap_numba(big_ids, y_pred))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_across_blocks_and_sub_blocks(seed):
+    """Runs of every length (1 to a few hundred pixels) cross the 64-pixel blocks, the 8-pixel sub-blocks
+    and the tail of the numba pass; the overlap must equal the reference's exactly."""
+    rng = np.random.default_rng(seed)
+    width = int(rng.choice([64, 67, 129, 200]))
+    n = width * int(rng.integers(5, 40))
+    lengths = rng.choice([1, 2, 3, 7, 8, 9, 63, 64, 65, 300], size=n)
+    t = np.repeat(rng.integers(0, 9, lengths.size), lengths)[:n]
+    lengths = rng.choice([1, 5, 8, 16, 64, 128], size=n)
+    p = np.repeat(rng.integers(0, 7, lengths.size), lengths)[:n]
+    check_against_reference(t.reshape(-1, width).astype(np.int32), p.reshape(-1, width).astype(np.int32))
