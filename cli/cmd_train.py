@@ -47,6 +47,9 @@ def training_options(func):
         click.option("--min-train-masks", type=int, default=5, show_default=True,
                      help="Drop patches with fewer masks (reported)."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint."),
+        click.option("--engine", type=click.Choice(["dqtool", "train_seg"]), default="dqtool", show_default=True,
+                     help="dqtool: train_seg's loop step for step (progress, resume, seeds); train_seg: "
+                          "cellpose.train.train_seg itself (same model for seed 0; no resume)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -62,7 +65,7 @@ def _config(kw):
                        weight_decay=kw.pop("weight_decay"), n_epochs=kw.pop("epochs"),
                        save_every=kw.pop("save_every"), bsize=kw.pop("bsize"), batch_size=kw.pop("batch_size"),
                        nimg_per_epoch=kw.pop("nimg_per_epoch"), seed=kw.pop("seed"),
-                       min_train_masks=kw.pop("min_train_masks"))
+                       min_train_masks=kw.pop("min_train_masks"), engine=kw.pop("engine"))
 
 
 def _eval_option(func):

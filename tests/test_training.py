@@ -204,6 +204,37 @@ def test_resume_continues_to_the_same_weights(cache, tmp_path):
     assert other.train_losses != full.train_losses
 
 
+def test_engine_train_seg_calls_cellpose_and_gives_the_same_model(cache, tmp_path, monkeypatch):
+    """--engine train_seg runs cellpose.train.train_seg itself; for seed 0 its model equals our loop's, bit for bit."""
+    import cellpose.train
+
+    calls = []
+    real = cellpose.train.train_seg
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cellpose.train, "train_seg", spy)
+    ours = train(cache, tmp_path / "ours", config=TrainConfig(n_epochs=5, **TINY), quiet=True)
+    assert not calls
+    theirs = train(cache, tmp_path / "theirs", config=TrainConfig(n_epochs=5, engine="train_seg", **TINY), quiet=True)
+    assert len(calls) == 1 and calls[0]["n_epochs"] == 5 and calls[0]["min_train_masks"] == TINY["min_train_masks"]
+    np.testing.assert_array_equal(theirs.train_losses, ours.train_losses)
+    assert theirs.n_patches == ours.n_patches and theirs.diam_labels == ours.diam_labels
+    a, b = load_state_dict(tmp_path / "ours"), load_state_dict(tmp_path / "theirs")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # train_seg's saves land as our checkpoints (epochs done), nothing is left in a temporary folder
+    assert sorted(p.name for p in sidecar_paths(tmp_path / "theirs")["checkpoints"].iterdir()) == \
+        ["epoch_0003"]
+    assert not list(tmp_path.glob(".theirs.train_seg.*"))
+    record = json.loads(sidecar_paths(tmp_path / "theirs")["json"].read_text())
+    assert record["complete"] and record["config"]["engine"] == "train_seg"
+    assert "engine" not in json.loads(sidecar_paths(tmp_path / "ours")["json"].read_text())["config"]
+    with pytest.raises(InputError, match="engine"):
+        TrainConfig(engine="torch")
+
+
 def test_output_with_a_different_config_is_refused(cache, tmp_path):
     out = tmp_path / "m"
     train(cache, out, config=TrainConfig(n_epochs=2, **TINY), quiet=True)

@@ -4,7 +4,9 @@ The epoch loop is Cellpose's own ``cellpose.train.train_seg`` loop, run here ste
 same pieces (``dynamics.labels_to_flows``, ``transforms.random_rotate_and_resize``, ``_loss_fn_seg``,
 the same optimiser settings and learning-rate schedule), because ``train_seg`` itself offers no hook
 for a progress bar, seeding or resuming. ``tests/test_training.py`` proves the two loops give the same
-weights, bit for bit, for the same data and seed 0.
+weights, bit for bit, for the same data and seed 0. ``TrainConfig(engine="train_seg")`` (``--engine
+train_seg``) calls ``train_seg`` itself instead, for labs that want Cellpose's function literally; it gives
+the same model for seed 0 (tested) but cannot resume, show a per-epoch bar or seed numpy's epoch draws.
 
 What dqtool adds (the Cellpose traps of REFERENCE.md section 6):
 
@@ -55,6 +57,9 @@ from .tables import atomic_write_text, write_json
 WARMUP_EPOCHS = 10
 #: Input channels of every Cellpose 3 network (cytoplasm + nucleus).
 CELLPOSE_NCHAN = 2
+#: ``dqtool``: train_seg's loop run here step for step (progress bar, any seed, resume);
+#: ``train_seg``: a call to ``cellpose.train.train_seg`` itself (see ``_train_with_train_seg``).
+ENGINES = ("dqtool", "train_seg")
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,11 @@ class TrainConfig:
     nimg_per_epoch: int | None = None
     seed: int = 0
     min_train_masks: int = 5
+    engine: str = "dqtool"
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise InputError(f"engine = {self.engine!r}: expected one of {', '.join(ENGINES)}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if len(self.channels) != 2 or not all(0 <= c <= 3 for c in self.channels):
             raise InputError(f"channels {list(self.channels)}: expected two values in 0..3 "
@@ -97,6 +105,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
+        if d["engine"] == "dqtool":  # the default stays out, so runs recorded before the option keep their identity
+            del d["engine"]
         return d
 
 
@@ -498,6 +508,21 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
     t0 = time.perf_counter()
     import torch
 
+    if config.engine == "train_seg":
+        if stop_after is not None:
+            raise ValueError("stop_after needs engine 'dqtool' (train_seg cannot be stopped between epochs)")
+        with _rng_scope(config.seed), _mkldnn_off():
+            net = build_net(init)
+            losses, lrs = _train_with_train_seg(net, images, labels, out, paths, config, quiet)
+            diam_labels = float(net.diam_labels.item())
+        result = TrainResult(model=out, config=config.to_dict(), provenance=provenance,
+                             train_losses=[float(x) for x in losses], learning_rates=[float(x) for x in lrs],
+                             n_patches=int(keep.size), n_dropped=int(n_dropped), diam_labels=diam_labels,
+                             seconds=time.perf_counter() - t0, resumed_from=0, warnings=warns)
+        _write_losses(paths, result.train_losses, result.learning_rates)
+        write_json(paths["json"], {**record, **result.to_dict(), "identity": identity})
+        return result
+
     with _rng_scope(config.seed), _mkldnn_off():
         net = build_net(init)
         optimizer = _optimizer(net, config)
@@ -547,6 +572,57 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
 
 class _Stopped(Exception):
     pass
+
+
+def _train_with_train_seg(net, images, labels, out: Path, paths: dict, config: TrainConfig, quiet: bool):
+    """Train ``net`` with ``cellpose.train.train_seg`` itself; returns (per-epoch losses, learning rates).
+
+    The patches go in as Cellpose takes in-memory data (images with the config's channels, label
+    *copies*, ``normalize=True``): train_seg normalises, drops patches with fewer than
+    ``min_train_masks`` masks and computes the flows itself. It saves into a temporary folder beside
+    ``out`` (``save_each``: one file after epoch indices 50, 100, ... for ``save_every`` 50, moved to
+    ``MODEL_checkpoints/epoch_NNNN`` with NNNN the epochs done); the
+    final model is renamed onto ``out``. What this engine cannot do: resume (train_seg always starts at
+    epoch 0 with its warm-up), seed numpy's epoch draws other than train_seg's own ``np.random.seed(epoch)``
+    (``seed`` still sets the network's initial weights), and show a per-epoch bar (Cellpose logs every
+    10 epochs, shown unless quiet).
+    """
+    import logging
+    import shutil
+    import tempfile
+
+    from cellpose.train import train_seg
+
+    data = [np.asarray(im)[..., 0] if np.asarray(im).ndim == 3 and np.asarray(im).shape[-1] == 1 else np.asarray(im)
+            for im in images]
+    rgb = data[0].ndim == 3
+    logger = logging.getLogger("cellpose.train")
+    handler = None
+    if not quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.train_seg.", dir=out.parent))
+    try:
+        with _quiet_stderr(quiet):
+            filename, losses, _ = train_seg(
+                net, train_data=data, train_labels=[np.array(lb, dtype=np.int64, copy=True) for lb in labels],
+                channels=list(config.channels), channel_axis=2 if rgb else None, normalize=True,
+                SGD=config.sgd, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                momentum=config.momentum, n_epochs=config.n_epochs, bsize=config.bsize,
+                batch_size=config.batch_size, nimg_per_epoch=config.nimg_per_epoch,
+                min_train_masks=config.min_train_masks, save_path=str(work), save_every=config.save_every,
+                save_each=True, model_name="model")
+        for ckpt in sorted((work / "models").glob("model_epoch_*")):
+            epoch = int(ckpt.name.rsplit("_", 1)[1]) + 1  # train_seg names a save by the 0-based epoch index
+            if 0 < epoch < config.n_epochs:
+                os.replace(ckpt, paths["checkpoints"] / f"epoch_{epoch:04d}")
+        os.replace(filename, out)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        shutil.rmtree(work, ignore_errors=True)
+    return np.asarray(losses, dtype=np.float64), learning_rate_schedule(config.learning_rate, config.n_epochs)
 
 
 def _check_existing(paths: dict, out: Path, identity: str, resume: bool) -> TrainResult | None:
