@@ -237,6 +237,8 @@ def _overlap_kernel(t, p, size_t, size_p, capacity):
                     last_a = t[j]
                     last_b = p[j]
                     run = 1
+    # the tail repeats the pixel loop above on purpose: an inlined shared helper (tuple return) measured
+    # 35 % slower on the real label maps, a single while-loop form 3x slower (no vectorised compares)
     for j in range(n_blocks * _BLOCK, n):
         if t[j] == last_a and p[j] == last_b:
             run += 1
