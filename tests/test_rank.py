@@ -287,8 +287,10 @@ def test_rank_study_glue(tmp_path, monkeypatch):
     members = (S.BankMember("fluo", 1), S.BankMember("histo", 1, 0.5))
     summary = S.rank_study(tmp_path, members=members, perturbations=("dropout",), n_train=1, n_test=1, size=96)
     assert {r["model"] for r in summary["rows"]} == {"fluo_r100_e001", "histo_r050_e001"}
-    assert all("dropout_rank" in r and "f1" in r for r in summary["rows"])
-    assert [c["perturbation"] for c in summary["correlations"]] == ["dropout", "dropout"]
+    assert all("dropout_rank" in r and "dropout_nhd" in r and "f1" in r for r in summary["rows"])
+    assert [c["perturbation"] for c in summary["correlations"]] == ["dropout"] * 6
+    assert {(c["consistency"], c["performance"]) for c in summary["correlations"]} == \
+        {(s, p) for s in ("adapted_rand", "nhd", "effective_invariance") for p in ("F1@0.5", "mean accuracy@0.5:0.95")}
     for name in ("study.csv", "study.md", "study_correlations.md", "study_summary.json", "study.png",
                  "rank_dropout/rank.json"):
         assert (tmp_path / name).exists(), name

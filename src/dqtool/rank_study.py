@@ -4,9 +4,9 @@
 patch cache per training domain, trains a bank of models that differ in training domain, epochs and
 subset rate (:func:`dqtool.training.train_patches`), then ranks the bank on the target domain's test
 images with :func:`dqtool.rank.rank_models` once with bottleneck dropout and once with an input
-perturbation, with the target labels for validation. It reports, per perturbation, Pearson (raw),
-Spearman and Kendall (ranks) between each model's consistency and its F1 at IoU 0.5, with
-permutation-test p-values. Every random choice (data, subsets, training, dropout, noise) is seeded.
+perturbation, with the target labels for validation. It reports, per perturbation and consistency
+score (adapted Rand, NHD, effective invariance), Pearson (raw), Spearman and Kendall (ranks) against
+each model's F1 at IoU 0.5 and mean accuracy over 0.5:0.95, with permutation-test p-values. Every random choice (data, subsets, training, dropout, noise) is seeded.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nim
         provenance = {**provenance, "rate": member.rate, "n_selected": int(len(idx))}
         config = TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
                              nimg_per_epoch=nimg_per_epoch, seed=seed)
-        train_patches(images[idx], labels[idx], model, config, provenance=provenance, quiet=quiet)
+        train_patches(images[idx], labels[idx], model, config, provenance=provenance, resume=True, quiet=quiet)
     return paths
 
 
@@ -140,6 +140,8 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BAN
             row = by_model.setdefault(name, {"model": name, "f1": m.f1, "accuracy": m.accuracy})
             row[f"{pert}_rank"] = m.rank
             row[f"{pert}_score"] = m.score
+            row[f"{pert}_nhd"] = m.nhd
+            row[f"{pert}_ei"] = m.effective_invariance
     rows = sorted(by_model.values(), key=lambda r: -r["f1"] if not math.isnan(r["f1"]) else math.inf)
     f1 = np.array([r["f1"] for r in rows], np.float64)
     # ties share the best rank (several models with F1 = 0 are all last, not ordered arbitrarily)
@@ -148,9 +150,8 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BAN
         r["f1_rank"] = int(k)
     correlations = []
     for pert, res in results.items():
-        for c in res.correlations:
-            if c["consistency"] == res.score:
-                correlations.append({"perturbation": pert, **c})
+        for c in res.correlations:  # every consistency score (the ranking uses res.score) against F1 and accuracy
+            correlations.append({"perturbation": pert, **c})
     write_table(rows, out / "study")
     write_table(correlations, out / "study_correlations")
     summary = {"target": target, "members": [m.name for m in members], "rows": rows, "correlations": correlations,
