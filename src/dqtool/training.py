@@ -511,6 +511,9 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
     if config.engine == "train_seg":
         if stop_after is not None:
             raise ValueError("stop_after needs engine 'dqtool' (train_seg cannot be stopped between epochs)")
+        if resume and resume_file.exists():
+            _say(f"{out}: engine train_seg cannot resume (train_seg always starts at epoch 0); training from the "
+                 "start", quiet)
         with _rng_scope(config.seed), _mkldnn_off():
             net = build_net(init)
             losses, lrs = _train_with_train_seg(net, images, labels, out, paths, config, quiet)
