@@ -86,24 +86,47 @@ def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nim
     return paths
 
 
-def _plot(rows: list[dict], perturbations, path: Path) -> Path:
+def _num(value) -> float:
+    """A score as a float (NaN for a missing one: JSON writes NaN as null)."""
+    return math.nan if value is None else float(value)
+
+
+_SCORE_COLUMNS = (("score", "adapted Rand"), ("nhd", "NHD"), ("ei", "effective invariance"))
+
+
+def plot_study(rows: list[dict], perturbations, path: Path) -> Path:
+    """One panel per perturbation x consistency score: median consistency (x) against F1 at IoU 0.5 (y).
+
+    Models are numbered by F1 (1 = best) and listed beside the panels; a model without a score for a
+    panel (no objects to compare) is left out of it and counted in its title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(perturbations), figsize=(5 * len(perturbations), 4), squeeze=False)
-    for ax, pert in zip(axes[0], perturbations):
-        xs = [r[f"{pert}_score"] for r in rows]
-        ys = [r["f1"] for r in rows]
-        ax.scatter(xs, ys)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r["model"], (x, y), fontsize=7)
-        ax.set_xlabel(f"median adapted Rand under {pert}")
-        ax.set_ylabel("F1 at IoU 0.5 (target labels)")
-        ax.set_title(f"{pert}")
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
+    perturbations = list(perturbations)
+    fig, axes = plt.subplots(len(perturbations), len(_SCORE_COLUMNS), squeeze=False,
+                             figsize=(4.2 * len(_SCORE_COLUMNS) + 2.6, 3.4 * len(perturbations)))
+    for i, pert in enumerate(perturbations):
+        for j, (key, title) in enumerate(_SCORE_COLUMNS):
+            ax = axes[i][j]
+            pts = [(k + 1, _num(r.get(f"{pert}_{key}")), _num(r["f1"])) for k, r in enumerate(rows)]
+            shown = [(n, x, y) for n, x, y in pts if not (math.isnan(x) or math.isnan(y))]
+            ax.scatter([x for _, x, _ in shown], [y for _, _, y in shown], s=22)
+            for n, x, y in shown:
+                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 3 + 7 * (n % 3)), fontsize=8)
+            missing = len(pts) - len(shown)
+            ax.set_title(f"{pert}: {title}" + (f" ({missing} without a score)" if missing else ""), fontsize=9)
+            ax.set_xlabel(f"median {title}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("F1 at IoU 0.5 (target labels)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    legend = "\n".join(f"{k + 1}  {r['model']}  F1 {_num(r['f1']):.2f}" for k, r in enumerate(rows))
+    right = 1 - 2.5 / fig.get_figwidth()
+    fig.text(right + 0.01, 0.5, legend, ha="left", va="center", fontsize=8, family="monospace")
+    fig.tight_layout(rect=(0, 0, right, 1))
+    return save_figure(fig, path, dpi=110)
 
 
 def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BANK,
@@ -157,5 +180,5 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BAN
     summary = {"target": target, "members": [m.name for m in members], "rows": rows, "correlations": correlations,
                "timing": {p: r.timing for p, r in results.items()}}
     write_json(out / "study_summary.json", summary)
-    _plot(rows, list(perturbations), out / "study.png")
+    plot_study(rows, list(perturbations), out / "study.png")
     return summary
