@@ -117,6 +117,23 @@ def test_replay_mixes_a_source_subset_into_the_target(world, tmp_path):
                config=CONFIG, quiet=True)
 
 
+def test_dq_replay_subset_uses_the_features_in_the_cache_and_keeps_them(tmp_path):
+    """A DQ replay selects on the features already stored (e.g. a study's or `dqtool embed`'s) and never
+    re-embeds over them (it once replaced a study's 2-epoch MAE features with 15-epoch ones)."""
+    from dqtool.features import embed_cache, load_features
+    from dqtool.selection import features_hash
+    from dqtool.transfer import source_subset
+
+    images, labels = discs(n_images=3, size=128, n_cells=16, seed=3)
+    src = build_cache_from_arrays(tmp_path / "src.h5", images, labels, ["a", "b", "c"], size=64, stride=64)
+    feats = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    np.save(tmp_path / "feats.npy", feats)
+    embed_cache(src, features_file=tmp_path / "feats.npy")
+    subset = source_subset(src, 0.5, "dq", 0, tmp_path)
+    np.testing.assert_array_equal(load_features(src), feats)
+    assert subset["features_hash"] == features_hash(feats) and subset["n_selected"] == 6
+
+
 def test_sequence_keeps_finished_stages_when_a_later_one_fails(world, tmp_path):
     empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.full((64, 64), 7, np.uint8)],
                                     [np.zeros((64, 64), np.uint32)], ["e"], size=64, stride=64)

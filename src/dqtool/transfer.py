@@ -292,8 +292,9 @@ def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int
     """The source's replay subset, computed once and kept as ``out_dir/source_subset.json``.
 
     ``method='random'`` draws ``round(rate * N)`` patches uniformly (no features needed); ``'dq'`` uses
-    ``dqtool.selection.select_subset`` on the cache's features (computed by ``dqtool.features.embed_cache``
-    if missing).
+    ``dqtool.selection.select_subset`` on the features stored in the cache (the ones ``dqtool embed`` or
+    a study put there, left as they are), computed by ``dqtool.features.embed_cache`` only when none
+    are stored or they are stale.
     """
     from .cache import PatchCache
     from .selection import random_subset, read_subset, select_subset, subset_total, write_subset
@@ -313,9 +314,12 @@ def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int
         subset = {"indices": indices.tolist(), "rate": rate, "method": "random", "seed": seed, "n_total": n,
                   "n_selected": int(indices.size), "cache": str(Path(source).resolve()), "cache_hash": chash}
     elif method == "dq":
-        from .features import embed_cache
+        from .features import embed_cache, load_features
 
-        embed_cache(source, seed=seed, quiet=quiet)
+        try:  # the features already in the cache (from `dqtool embed` or a study): never replace them here
+            load_features(source)
+        except InputError:
+            embed_cache(source, seed=seed, quiet=quiet)
         subset = select_subset(source, rate, method="dq", seed=seed, quiet=quiet)
         subset["seed"] = seed
     else:
