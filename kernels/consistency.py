@@ -32,12 +32,12 @@ Kernels take arrays and return arrays; they know nothing of files, the CLI or Ce
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
 
 from ._triton import pick_device, triton_available
+from .matching import cpu_count
 
 __all__ = [
     "semantic_counts", "semantic_counts_reference", "semantic_counts_numba", "semantic_counts_triton",
@@ -435,15 +435,8 @@ def _prepare_labels(u, v):
     return u, v, n_u, n_v
 
 
-#: below this many pixels one thread is faster than starting a pool
+#: maps below this many pixels stay on one thread (a thread pool's start-up is not worth it there)
 _PARALLEL_PIXELS = 1 << 18
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def rand_pair_counts_numba(u: np.ndarray, v: np.ndarray, threads: int | None = None):
@@ -456,7 +449,7 @@ def rand_pair_counts_numba(u: np.ndarray, v: np.ndarray, threads: int | None = N
     u = np.ascontiguousarray(u)
     v = np.ascontiguousarray(v)
     if threads is None:
-        threads = _default_threads() if u.size >= _PARALLEL_PIXELS else 1
+        threads = cpu_count() if u.size >= _PARALLEL_PIXELS else 1
     if int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     # per-band sums are (n_u + n_v) long: keep huge id ranges on one band rather than copy them per thread
