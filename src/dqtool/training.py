@@ -596,11 +596,11 @@ def _train_with_train_seg(net, images, labels, out: Path, paths: dict, config: T
 
     from cellpose.train import train_seg
 
-    data = [np.asarray(im)[..., 0] if np.asarray(im).ndim == 3 and np.asarray(im).shape[-1] == 1 else np.asarray(im)
-            for im in images]
+    data = [np.asarray(im) for im in images]
+    data = [im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im for im in data]
     rgb = data[0].ndim == 3
     logger = logging.getLogger("cellpose.train")
-    handler = None
+    handler, level = None, logger.level
     if not quiet:
         handler = logging.StreamHandler(sys.stderr)
         logger.addHandler(handler)
@@ -624,6 +624,7 @@ def _train_with_train_seg(net, images, labels, out: Path, paths: dict, config: T
     finally:
         if handler is not None:
             logger.removeHandler(handler)
+            logger.setLevel(level)
         shutil.rmtree(work, ignore_errors=True)
     return np.asarray(losses, dtype=np.float64), learning_rate_schedule(config.learning_rate, config.n_epochs)
 
