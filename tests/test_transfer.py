@@ -201,7 +201,7 @@ def test_experiment_runs_a_micro_study(world, tmp_path):
 
 @pytest.mark.slow
 def test_quick_study(tmp_path):
-    """The built-in quick study (~20 min on 2 CPU cores): every table is filled."""
+    """The built-in quick study (27 min on 2 idle CPU cores): every table is filled."""
     from dqtool.experiment import run_experiment
 
     tables = run_experiment(None, tmp_path / "quick", quick=True, quiet=True)
