@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dqtool.cache import PatchCache, PatchOptions, build_cache, prepare_image
-from dqtool.datasets import open_dataset
-from dqtool.io import read_image, read_labels, relabel_consecutive
-from dqtool.synthetic import generate
+from dqtool.data.cache import PatchCache
+from dqtool.data.cache_build import PatchOptions, build_cache, prepare_image
+from dqtool.data.datasets import open_dataset
+from dqtool.data.io import read_image, read_labels, relabel_consecutive
+from dqtool.data.synthetic import generate
 
 BATCH = 8
 

@@ -22,8 +22,7 @@ from scipy import ndimage
 from skimage.metrics import adapted_rand_error
 from skimage.segmentation import expand_labels
 
-from dqtool import consistency as C
-from dqtool_kernels import consistency as K
+from dqtool.ranking import consistency as C
 
 
 def best_of(fn, rounds=5):
@@ -128,7 +127,7 @@ def rank_bank(tmp_path_factory, real_data):
     import torch
     from cellpose.resnet_torch import CPnet
 
-    from dqtool.io import read_image
+    from dqtool.data.io import read_image
 
     root = tmp_path_factory.mktemp("rank_bank")
     models, images = root / "models", root / "images"
@@ -148,7 +147,7 @@ def rank_bank(tmp_path_factory, real_data):
 
 
 def test_rank_overhead(benchmark, rank_bank, tmp_path):
-    from dqtool.rank import rank_models
+    from dqtool.ranking.rank import rank_models
 
     result = benchmark.pedantic(lambda: rank_models(rank_bank / "models", rank_bank / "images", out=tmp_path / "out",
                                                     quiet=True), rounds=1, iterations=1)

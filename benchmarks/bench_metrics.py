@@ -20,8 +20,8 @@ from cellpose.metrics import average_precision
 from scipy import ndimage
 from stardist.matching import matching
 
-from dqtool import metrics
-from dqtool.io import read_labels
+from dqtool.evaluation import metrics
+from dqtool.data.io import read_labels
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from dqtool.cache import PatchCache, PatchOptions, build_cache
-from dqtool.datasets import open_dataset
-from dqtool.training import TrainConfig, build_net, load_patches, train
+from dqtool.data.cache import PatchCache
+from dqtool.data.cache_build import PatchOptions, build_cache
+from dqtool.data.datasets import open_dataset
+from dqtool.segmentation.train import TrainConfig, load_patches, train
+from dqtool.segmentation.model_files import build_net
 
 ROUNDS = 3
 

@@ -6,9 +6,10 @@ import json
 
 import click
 
-from dqtool.cache import CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS, PatchOptions
-from dqtool.datasets import FORMATS
-from dqtool.patches import EDGE_MODES
+from dqtool.data.cache import CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS
+from dqtool.data.cache_build import PatchOptions
+from dqtool.data.datasets import FORMATS
+from dqtool.data.patches import EDGE_MODES
 
 from .common import is_quiet, quiet_option, user_errors
 
@@ -23,7 +24,7 @@ from .common import is_quiet, quiet_option, user_errors
 @user_errors
 def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
     """Write the embedded default domains (fluo, histo, multi; train/test) to OUT_DIR."""
-    from dqtool.synthetic import DOMAINS, generate
+    from dqtool.data.synthetic import DOMAINS, generate
 
     out = generate(out_dir, seed=seed, n_train=n_train, n_test=n_test, force=force, quiet=is_quiet(quiet))
     click.echo(f"{out}: domains {', '.join(DOMAINS)} ({n_train} train + {n_test} test images each, seed {seed})")
@@ -51,7 +52,7 @@ def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
 def patches_cmd(sources, out, domains, fmt, split, size, stride, edge, channels, normalisation, compression,
                 force, quiet):
     """Cut sliding-window patches from image folders SRC... into an HDF5 cache."""
-    from dqtool.cache import build_cache_from_folders
+    from dqtool.data.cache_build import build_cache_from_folders
 
     options = PatchOptions(size=size, stride=stride, edge=edge, channels=channels, normalisation=normalisation,
                            compression=compression)
@@ -69,7 +70,7 @@ def patches_cmd(sources, out, domains, fmt, split, size, stride, edge, channels,
 @user_errors
 def info_cmd(cache, as_json, sources):
     """Summarise a patch cache: patches per domain and source, shapes, dtypes, options."""
-    from dqtool.cache import PatchCache
+    from dqtool.data.cache import PatchCache
 
     with PatchCache(cache) as c:
         summary = c.summary()

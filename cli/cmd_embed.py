@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dqtool.features import embed_cache
+from dqtool.features.embed import embed_cache
 
 from .common import is_quiet, quiet_option, user_errors
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from dqtool.evaluation import evaluate_folders
-from dqtool.metrics import parse_thresholds
+from dqtool.evaluation.folders import evaluate_folders
+from dqtool.evaluation.metrics import parse_thresholds
 
 from .common import is_quiet, quiet_option, user_errors
 

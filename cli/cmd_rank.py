@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dqtool.perturb import DEFAULT_STRENGTH, PERTURBATIONS
-from dqtool.rank import SCORES
+from dqtool.ranking.perturb import DEFAULT_STRENGTH, PERTURBATIONS
+from dqtool.ranking.rank import SCORES
 
 from .common import is_quiet, quiet_option, user_errors
 
@@ -32,7 +32,7 @@ _STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
 @user_errors
 def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, diameter, out, quiet):
     """Rank the Cellpose models in MODELS_DIR on target images without labels."""
-    from dqtool.rank import format_result, rank_models
+    from dqtool.ranking.rank import format_result, rank_models
 
     if strength is not None and perturbation == "dropout" and not 0 < strength < 1:
         raise click.BadParameter(f"dropout strength must lie in (0, 1), got {strength}", param_hint="--strength")
@@ -54,8 +54,8 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
 @user_errors
 def rank_study_cmd(out, target, seed, quick, quiet):
     """Evidence: train a bank of graded models on the embedded domains and rank it on TARGET."""
-    from dqtool.rank_study import DEFAULT_BANK, QUICK_BANK, rank_study
-    from dqtool.tables import format_markdown
+    from dqtool.studies.rank_study import DEFAULT_BANK, QUICK_BANK, rank_study
+    from dqtool.common.tables import format_markdown
 
     summary = rank_study(out, target=target, seed=seed, members=QUICK_BANK if quick else DEFAULT_BANK,
                          nimg_per_epoch=8 if quick else 16, n_test=4 if quick else 6, quiet=is_quiet(quiet))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dqtool.selection import GAINS, METHODS, SAMPLINGS, export_subset, select_to_files
+from dqtool.selection.quantize import GAINS, METHODS, SAMPLINGS, export_subset, select_to_files
 
 from .common import is_quiet, quiet_option, user_errors
 

@@ -57,7 +57,7 @@ def training_options(func):
 
 
 def _config(kw):
-    from dqtool.training import TrainConfig
+    from dqtool.segmentation.train import TrainConfig
 
     if kw["bsize"] % 16:
         raise click.BadParameter(f"{kw['bsize']}: expected a multiple of 16", param_hint="--bsize")
@@ -97,7 +97,7 @@ def _parse_evals(evals):
 @user_errors
 def train_cmd(cache, subset, init, out, resume, quiet, **kw):
     """Train Cellpose on a patch cache (or a subset of it)."""
-    from dqtool.training import train
+    from dqtool.segmentation.train import train
 
     result = train(cache, out, subset=subset, init=init, config=_config(kw), resume=resume, quiet=is_quiet(quiet))
     if not is_quiet(quiet):
@@ -116,7 +116,7 @@ def train_cmd(cache, subset, init, out, resume, quiet, **kw):
 @user_errors
 def finetune_cmd(target, init, out, subset, evals, resume, quiet, **kw):
     """Naive finetuning of a model on a target cache (paper Tables V, VI)."""
-    from dqtool.transfer import finetune
+    from dqtool.segmentation.transfer import finetune
 
     result = finetune(init, target, out, subset=subset, evals=_parse_evals(evals), config=_config(kw),
                       resume=resume, quiet=is_quiet(quiet))
@@ -137,7 +137,7 @@ def finetune_cmd(target, init, out, subset, evals, resume, quiet, **kw):
 @user_errors
 def replay_cmd(init, source, source_rate, source_method, target, out, evals, resume, quiet, **kw):
     """Finetune on the full target plus a DQ/random subset of the source (paper Table VIII)."""
-    from dqtool.transfer import replay
+    from dqtool.segmentation.transfer import replay
 
     if not 0 < source_rate <= 1:
         raise click.BadParameter(f"{source_rate}: expected a rate in (0, 1]", param_hint="--source-rate")
@@ -156,7 +156,7 @@ def replay_cmd(init, source, source_rate, source_method, target, out, evals, res
 @user_errors
 def sequence_cmd(caches, init, out, evals, resume, quiet, **kw):
     """Train through caches one after another (paper Table VII), saving the model after each stage."""
-    from dqtool.transfer import sequence
+    from dqtool.segmentation.transfer import sequence
 
     result = sequence(list(caches), out, init=init, evals=_parse_evals(evals), config=_config(kw),
                       resume=resume, quiet=is_quiet(quiet))
@@ -183,7 +183,7 @@ def _report(result, quiet):
 @user_errors
 def predict_cmd(model, images, out, channels, diameter, flow_threshold, cellprob_threshold, quiet):
     """Segment IMAGES (a file or a folder) with a Cellpose MODEL file."""
-    from dqtool.predict import PredictOptions, predict
+    from dqtool.segmentation.predict import PredictOptions, predict
 
     options = PredictOptions(channels=channels, diameter=diameter, flow_threshold=flow_threshold,
                              cellprob_threshold=cellprob_threshold)
@@ -200,7 +200,7 @@ def predict_cmd(model, images, out, channels, diameter, flow_threshold, cellprob
 @user_errors
 def experiment_cmd(config, quick, out, quiet):
     """Run a whole study (redundancy, zero-shot, finetuning, replay, sequences) from a JSON CONFIG."""
-    from dqtool.experiment import run_experiment
+    from dqtool.studies.experiment import run_experiment
 
     if bool(config) == bool(quick):
         raise click.UsageError("give either CONFIG or --quick")

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from dqtool.errors import InputError
+from dqtool.common.errors import InputError
 
 
 class Context:

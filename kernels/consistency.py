@@ -36,8 +36,8 @@ import math
 import numba
 import numpy as np
 
-from ._triton import pick_device, triton_available
-from .matching import cpu_count
+from ._runtime import pick_device, triton_available
+from ._runtime import cpu_count
 
 __all__ = [
     "semantic_counts", "semantic_counts_reference", "semantic_counts_numba", "semantic_counts_triton",

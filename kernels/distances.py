@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._triton import pick_device, triton_available
+from ._runtime import pick_device, triton_available
 
 # ----------------------------------------------------------------------------------------------
 # NumPy references (float64, from the difference, no expansion)

@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 import numba
 import numpy as np
 
+from ._runtime import cpu_count
+
 # Ids above this multiple of the pixel count are renumbered first, so per-id arrays stay small.
 _DENSE_ID_FACTOR = 4
 _U64 = np.uint64
@@ -518,16 +520,6 @@ def match_many(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Seque
         return
     with ThreadPoolExecutor(workers) as pool:
         yield from pool.map(lambda pair: match_instances(pair[0], pair[1], thresholds, method), pairs)
-
-
-def cpu_count() -> int:
-    """CPUs this process may use: the default number of worker threads."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 import torch
 
-from ._triton import pick_device, triton_available
+from ._runtime import pick_device, triton_available
 
 GAINS = ("paper", "dq", "biomedseg")
 DEFAULT_MEMORY = 1 << 30  # bytes the Gram matrix may take; above it the running-sum path is used

@@ -1,0 +1,290 @@
+"""Writing a patch cache: cut a dataset into windows, normalise, and write the HDF5 file crash-safely.
+
+The schema and the reading side are in :mod:`dqtool.data.cache`. A cache is written to ``CACHE.h5.tmp-<pid>``
+and renamed onto ``CACHE.h5`` only when complete (attribute ``complete`` = 1 set last); an existing cache whose
+content hash (inputs + options) matches is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from dqtool import __version__
+from dqtool.common.errors import InputError
+from dqtool.common.progress import bar
+from dqtool.data.cache import (CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS, SCHEMA_VERSION, _STR, PatchCache, label_dtype)
+from dqtool.data.datasets import ArraySample, Dataset, Sample, open_dataset
+from dqtool.data.io import normalise_percentile, relabel_consecutive, to_gray
+from dqtool.data.patches import EDGE_MODES, count_windows, iter_patches
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Everything that changes the bytes of a cache besides its inputs."""
+
+    size: int = 224
+    stride: int = 112
+    edge: str = "shift"
+    channels: str = "gray"
+    normalisation: str = "percentile"
+    compression: str = DEFAULT_COMPRESSION
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise ValueError(f"patch size must be >= 8, got {self.size}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        for name, value, allowed in (("edge", self.edge, EDGE_MODES), ("channels", self.channels, CHANNEL_MODES),
+                                     ("normalisation", self.normalisation, NORMALISATIONS),
+                                     ("compression", self.compression, COMPRESSIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "stride": self.stride, "edge": self.edge, "channels": self.channels,
+                "normalisation": self.normalisation, "compression": self.compression}
+
+
+# ----------------------------------------------------------------------------------------------
+# intensity handling
+
+
+def prepare_image(image: np.ndarray, channels: str = "gray", normalisation: str = "percentile") -> np.ndarray:
+    """Source image -> uint8 (H, W, C) as stored in the cache.
+
+    channels: ``gray`` = mean over colour channels (Cellpose's channels [0, 0]); ``rgb`` = keep 3 channels,
+    grayscale replicated. normalisation, per source image and channel: ``percentile`` maps the 1st
+    percentile to 0 and the 99.8th to 255 (clipped); ``minmax`` maps min..max to 0..255; ``none`` keeps
+    8-bit values and scales 16-bit (and wider) by 255 / 65535.
+    """
+    image = np.asarray(image)
+    if channels == "gray":
+        img = to_gray(image)[..., None]
+    else:
+        img = image.astype(np.float32)
+        img = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
+    if normalisation == "percentile":
+        out = normalise_percentile(img, 1.0, 99.8)
+    elif normalisation == "minmax":
+        lo = img.min(axis=(0, 1), keepdims=True)
+        hi = img.max(axis=(0, 1), keepdims=True)
+        out = np.where(hi > lo, (img - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+    else:
+        scale = 1.0 if image.dtype == np.uint8 or (image.dtype.kind == "f" and image.max() <= 255) else 255.0 / 65535.0
+        out = np.clip(img * scale, 0, 255) / 255.0
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# hashing
+
+
+def input_hash(samples: Sequence[Sample]) -> str:
+    """sha256 over, in order, each sample's fingerprint: name, domain, bytes of its image and label files."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.fingerprint().encode())
+    return h.hexdigest()
+
+
+def content_hash(input_digest: str, options: PatchOptions) -> str:
+    """Identity of a cache: its inputs and every option that changes its bytes."""
+    payload = json.dumps({"inputs": input_digest, "options": options.to_dict(), "schema": SCHEMA_VERSION},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class BuildReport:
+    """What ``build_cache`` did: 'built', 'reused' or 'rebuilt', and why."""
+
+    path: Path
+    action: str
+    reason: str = ""
+    n_patches: int = 0
+    per_domain: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "action": self.action, "reason": self.reason,
+                "n_patches": self.n_patches, "per_domain": self.per_domain, "skipped": self.skipped}
+
+
+def _why_stale(path: Path, new_hash: str, new_inputs: str, options: PatchOptions) -> str | None:
+    """None if the cache at ``path`` is complete and matches; otherwise a sentence saying why not."""
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = h5.attrs
+            if int(attrs.get("complete", 0)) != 1:
+                return "the existing file is incomplete (an earlier build was interrupted)"
+            if str(attrs.get("content_hash", "")) == new_hash:
+                return None
+            old = json.loads(attrs.get("options", "{}"))
+            diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in options.to_dict().items() if old.get(k) != v]
+            if diffs:
+                return "options changed: " + ", ".join(diffs)
+            if str(attrs.get("input_hash", "")) != new_inputs:
+                return "the input images or labels changed"
+            return "the cache was written by another schema"
+    except OSError:
+        return "the existing file is not a readable HDF5 cache (truncated or corrupt)"
+
+
+def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, options: PatchOptions | None = None,
+                force: bool = False, quiet: bool = False) -> BuildReport:
+    """Cut every sample of ``datasets`` into patches and write the cache at ``out``.
+
+    Reuses an existing complete cache whose content hash matches (inputs + options); otherwise builds a
+    new one beside it and renames it into place, so the old file is replaced only by a complete one.
+    """
+    options = options or PatchOptions()
+    if isinstance(datasets, Dataset):
+        datasets = [datasets]
+    samples: list[Sample] = [s for ds in datasets for s in ds]
+    if not samples:
+        raise InputError("no images to cut into patches: " + ", ".join(str(ds.root) for ds in datasets))
+    out = Path(out)
+    if not out.parent.exists():
+        raise FileNotFoundError(f"{out.parent}: output folder does not exist")
+    digest = input_hash(samples)
+    chash = content_hash(digest, options)
+    reason = "new cache"
+    if out.exists() and not force:
+        reason = _why_stale(out, chash, digest, options)
+        if reason is None:
+            with PatchCache(out) as cache:
+                summ = cache.summary()
+            return BuildReport(out, "reused", "inputs and options match the existing cache (hash match)",
+                               summ["n_patches"], summ["patches_per_domain"])
+    elif out.exists():
+        reason = "--force"
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        per_domain = _write(samples, tmp, options, digest, chash, quiet)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    action = "built" if reason == "new cache" else "rebuilt"
+    return BuildReport(out, action, reason, sum(per_domain.values()), per_domain)
+
+
+def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: str, chash: str,
+           quiet: bool) -> dict:
+    size, stride, edge = options.size, options.stride, options.edge
+    n_chan = 1 if options.channels == "gray" else 3
+    labelled = [s.has_labels for s in samples]
+    has_labels = all(labelled)
+    if any(labelled) and not has_labels:
+        missing = [s.name for s in samples if not s.has_labels][:3]
+        raise InputError(f"some images have labels and some don't (e.g. {', '.join(missing)}): a cache is "
+                         "either fully labelled or unlabelled; pass them as separate runs")
+    domains = sorted({s.domain for s in samples}, key=[s.domain for s in samples].index)
+    comp = None if options.compression == "none" else options.compression
+    comp_opts = 1 if comp == "gzip" else None
+    per_domain = {d: 0 for d in domains}
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["complete"] = 0
+        images = h5.create_dataset("images", (0, size, size, n_chan), np.uint8, maxshape=(None, size, size, n_chan),
+                                   chunks=(1, size, size, n_chan), compression=comp, compression_opts=comp_opts)
+        labels = None
+        if has_labels:
+            labels = h5.create_dataset("labels", (0, size, size), label_dtype(size), maxshape=(None, size, size),
+                                       chunks=(1, size, size), compression=comp, compression_opts=comp_opts)
+        p_src, p_dom, p_off, shapes = [], [], [], []
+        n = 0
+        progress = bar(len(samples), desc="patches", quiet=quiet, unit="img")
+        for si, sample in enumerate(samples):
+            img = sample.image
+            lab = sample.labels if has_labels else None
+            if lab is not None and lab.shape != img.shape[:2]:
+                raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
+                                 f"{sample.image_path} shape {img.shape[:2]}")
+            shapes.append(img.shape[:2])
+            prepared = prepare_image(img, options.channels, options.normalisation)
+            k = count_windows(img.shape[:2], size, stride, edge)
+            if k == 0:
+                progress.update(1)
+                continue
+            images.resize(n + k, axis=0)
+            if labels is not None:
+                labels.resize(n + k, axis=0)
+            for j, (y, x, ip, lp) in enumerate(iter_patches(prepared, lab, size, stride, edge)):
+                images[n + j] = ip
+                if labels is not None:
+                    labels[n + j] = lp
+                p_off.append((y, x))
+            p_src += [si] * k
+            p_dom += [domains.index(sample.domain)] * k
+            per_domain[sample.domain] += k
+            n += k
+            progress.update(1)
+        progress.close()
+        h5.create_dataset("patch_source", data=np.asarray(p_src, np.int32))
+        h5.create_dataset("patch_domain", data=np.asarray(p_dom, np.int32))
+        h5.create_dataset("patch_offset", data=np.asarray(p_off, np.int32).reshape(-1, 2))
+        h5.create_dataset("sources", data=[str(s.image_path) for s in samples], dtype=_STR)
+        h5.create_dataset("source_labels", data=[str(s.label_path or "") for s in samples], dtype=_STR)
+        h5.create_dataset("source_shape", data=np.asarray(shapes, np.int32).reshape(-1, 2))
+        h5.create_dataset("source_domain", data=np.asarray([domains.index(s.domain) for s in samples], np.int32))
+        h5.create_dataset("domains", data=domains, dtype=_STR)
+        attrs = {"dqtool_version": __version__, "schema_version": SCHEMA_VERSION, "patch_size": size,
+                 "stride": stride, "edge": edge, "channels": options.channels,
+                 "normalisation": options.normalisation, "compression": options.compression,
+                 "input_hash": digest, "options": json.dumps(options.to_dict(), sort_keys=True),
+                 "content_hash": chash, "n_patches": n, "has_labels": has_labels}
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        h5.flush()
+        h5.attrs["complete"] = 1
+    return per_domain
+
+
+def build_cache_from_arrays(path: str | os.PathLike, images: Sequence[np.ndarray],
+                            labels: Sequence[np.ndarray] | None, names: Sequence[str], domain: str = "default",
+                            size: int = 224, stride: int = 112, edge: str = "shift", channels: str = "gray",
+                            quiet: bool = True) -> Path:
+    """Build a cache from in-memory arrays (tests and notebooks); same schema and rules as files."""
+    if labels is not None and len(labels) != len(images):
+        raise InputError(f"{len(images)} images but {len(labels)} label maps")
+    samples = [ArraySample(name=n, domain=domain, array=np.asarray(im),
+                           label_array=None if labels is None else relabel_consecutive(
+                               np.asarray(labels[i])))
+               for i, (im, n) in enumerate(zip(images, names))]
+    ds = Dataset(samples=samples, root=Path(str(path)), format="arrays")
+    build_cache([ds], path, PatchOptions(size=size, stride=stride, edge=edge, channels=channels), quiet=quiet,
+                force=True)
+    return Path(path)
+
+
+def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os.PathLike,
+                             domains: Sequence[str] | None = None, format: str | None = None,
+                             split: str = "train", options: PatchOptions | None = None, force: bool = False,
+                             quiet: bool = False) -> BuildReport:
+    """Open each folder with its layout's reader and build one cache (what ``dqtool patches`` runs).
+
+    ``domains``: none (each folder's own name, or its parent's for train/test folders), one name for
+    all folders, or one name per folder.
+    """
+    if not sources:
+        raise InputError("no input folders given")
+    domains = list(domains or [])
+    if len(domains) not in (0, 1, len(sources)):
+        raise InputError(f"give --domain once, or once per input folder ({len(sources)}), not {len(domains)} times")
+    if len(domains) == 1:
+        domains = domains * len(sources)
+    datasets = [open_dataset(src, format=format, domain=domains[i] if domains else None, split=split)
+                for i, src in enumerate(sources)]
+    return build_cache(datasets, out, options, force=force, quiet=quiet)

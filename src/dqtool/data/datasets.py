@@ -1,0 +1,314 @@
+"""One dataset notion: an ordered, lazily loaded list of samples (image, labels or None, name, domain).
+
+Readers for the layouts labs have (REFERENCE.md section 7); ``open_dataset`` picks one by layout:
+
+- ``cellpose``: ``NNN_img.<ext>`` + ``NNN_masks.<ext>``, in the folder or in its ``train/`` / ``test/``.
+- ``neurips``: ``images/<name>.<png|tif|tiff|bmp|jpg>`` + ``labels/<name>_label.tiff`` (NeurIPS 2022 CellSeg).
+- ``monuseg``: ``Tissue Images/*.tif`` (or ``images/``) + ``Annotations/*.xml`` (or ``annotations/``),
+  Aperio XML polygons rasterised into an instance map (see ``rasterise_monuseg``).
+- ``generic``: an images folder (``images/``, ``imgs/``, ``img/``) and a labels folder (``labels/``,
+  ``masks/``, ``gt/``, ``ground_truth/``) matched by file stem; or a bare folder of images (unlabelled).
+
+Samples are read only when ``.image`` / ``.labels`` are touched. Labels come back as consecutive uint32.
+A folder where some images have labels and others don't is an error naming the first image without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dqtool.common.errors import InputError
+from dqtool.data.io import IMAGE_SUFFIXES, is_image_file, read_image, read_labels, relabel_consecutive
+
+FORMATS = ("cellpose", "neurips", "monuseg", "generic")
+IMAGE_DIRS = ("images", "imgs", "img", "Tissue Images", "tissue_images")
+LABEL_DIRS = ("labels", "masks", "gt", "ground_truth", "annotations", "Annotations")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Sample:
+    """One image and (optionally) its instance labels, read lazily from files."""
+
+    name: str
+    domain: str
+    image_path: Path
+    label_path: Path | None = None
+    label_kind: str = "mask"  # "mask" (a label image) or "monuseg-xml" (polygons)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_path is not None
+
+    @property
+    def image(self) -> np.ndarray:
+        return read_image(self.image_path)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self.label_path is None:
+            return None
+        if self.label_kind == "monuseg-xml":
+            shape = self.image.shape[:2]
+            return rasterise_monuseg(self.label_path, shape)
+        return read_labels(self.label_path)
+
+    def fingerprint(self) -> str:
+        """sha256 of the image and label file bytes (the cache's input hash uses it)."""
+        lab = _digest(self.label_path) if self.label_path else "none"
+        return f"{self.name}|{self.domain}|{_digest(self.image_path)}|{lab}"
+
+
+@dataclass
+class ArraySample:
+    """A sample held in memory (tests, notebooks)."""
+
+    name: str
+    domain: str
+    array: np.ndarray
+    label_array: np.ndarray | None = None
+
+    @property
+    def image_path(self) -> str:
+        return f"<array:{self.name}>"
+
+    @property
+    def label_path(self) -> str | None:
+        return None if self.label_array is None else f"<array:{self.name}:labels>"
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_array is not None
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.array
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.label_array
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(self.array).tobytes())
+        h.update(str(self.array.shape).encode() + str(self.array.dtype).encode())
+        if self.label_array is not None:
+            h.update(np.ascontiguousarray(self.label_array).tobytes())
+        return f"{self.name}|{self.domain}|{h.hexdigest()}"
+
+
+@dataclass
+class Dataset(Sequence):
+    """An ordered list of samples from one folder, in one layout, for one domain."""
+
+    samples: list = field(default_factory=list)
+    root: Path = Path(".")
+    format: str = "generic"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.samples)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.samples) and all(s.has_labels for s in self.samples)
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted({s.domain for s in self.samples})
+
+
+# ----------------------------------------------------------------------------------------------
+# layout detection
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    lower = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    for name in names:
+        if name.lower() in lower:
+            return lower[name.lower()]
+    return None
+
+
+def _cellpose_root(root: Path, split: str) -> Path:
+    if (root / split).is_dir() and any(p.name.rsplit(".", 1)[0].endswith("_img") for p in (root / split).iterdir()):
+        return root / split
+    return root
+
+
+def detect_format(root: str | os.PathLike, split: str = "train") -> str:
+    """Guess the layout of ``root`` (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    ann = _find_dir(root, ("Annotations", "annotations"))
+    if ann is not None and any(p.suffix.lower() == ".xml" for p in ann.iterdir()):
+        return "monuseg"
+    labels = _find_dir(root, ("labels",))
+    if labels is not None and any(p.name.lower().endswith(("_label.tiff", "_label.tif", "_label.png"))
+                                  for p in labels.iterdir()):
+        return "neurips"
+    croot = _cellpose_root(root, split)
+    if any(Path(p).stem.endswith("_img") for p in croot.iterdir() if is_image_file(p)):
+        return "cellpose"
+    return "generic"
+
+
+def default_domain(root: Path) -> str:
+    """Domain name from a folder: its own name, or its parent's when it is a split (train/test/val)."""
+    root = root.resolve()
+    if root.name.lower() in ("train", "test", "val", "valid", "validation", "images") and root.parent.name:
+        return root.parent.name
+    return root.name
+
+
+def open_dataset(root: str | os.PathLike, format: str | None = None, domain: str | None = None,
+                 split: str = "train") -> Dataset:
+    """Open the dataset in ``root`` with the reader for its layout (or the one named by ``format``).
+
+    ``split`` picks ``train/`` or ``test/`` for Cellpose-layout roots that have them.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: expected a dataset folder, got a file")
+    fmt = format or detect_format(root, split)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "cellpose":
+        root = _cellpose_root(root, split)
+    dom = domain or default_domain(root)
+    reader = {"cellpose": _read_cellpose, "neurips": _read_neurips, "monuseg": _read_monuseg,
+              "generic": _read_generic}[fmt]
+    samples = reader(root, dom)
+    if not samples:
+        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in the "
+                         f"{fmt} layout)")
+    labelled = [s.has_labels for s in samples]
+    if any(labelled) and not all(labelled):
+        first = samples[labelled.index(False)]
+        raise InputError(f"{first.image_path}: missing label file (other images in {root} have labels)")
+    return Dataset(samples=samples, root=root, format=fmt)
+
+
+def _read_cellpose(root: Path, domain: str) -> list[Sample]:
+    files = _images_in(root)
+    masks = {p.stem[: -len("_masks")]: p for p in files if p.stem.endswith("_masks")}
+    samples = []
+    for p in files:
+        if not p.stem.endswith("_img"):
+            continue
+        key = p.stem[: -len("_img")]
+        samples.append(Sample(name=key, domain=domain, image_path=p, label_path=masks.get(key)))
+    return samples
+
+
+def _read_neurips(root: Path, domain: str) -> list[Sample]:
+    images = _find_dir(root, ("images",)) or root
+    labels = _find_dir(root, ("labels",))
+    by_stem = {}
+    if labels is not None:
+        for p in labels.iterdir():
+            stem = p.name.rsplit(".", 1)[0]
+            if stem.endswith("_label") and is_image_file(p):
+                by_stem[stem[: -len("_label")]] = p
+    return [Sample(name=p.stem, domain=domain, image_path=p, label_path=by_stem.get(p.stem))
+            for p in _images_in(images)]
+
+
+def _read_monuseg(root: Path, domain: str) -> list[Sample]:
+    images = _find_dir(root, ("Tissue Images", "tissue_images", "images")) or root
+    ann = _find_dir(root, ("Annotations", "annotations"))
+    xmls = {p.stem: p for p in ann.iterdir() if p.suffix.lower() == ".xml"} if ann else {}
+    return [Sample(name=p.stem, domain=domain, image_path=p, label_path=xmls.get(p.stem), label_kind="monuseg-xml")
+            for p in _images_in(images)]
+
+
+def _read_generic(root: Path, domain: str) -> list[Sample]:
+    images = _find_dir(root, IMAGE_DIRS)
+    labels = _find_dir(root, ("labels", "masks", "gt", "ground_truth"))
+    if images is None:  # a bare folder of images: unlabelled
+        return [Sample(name=p.stem, domain=domain, image_path=p) for p in _images_in(root)]
+    by_stem = {}
+    if labels is not None:
+        for p in _images_in(labels):
+            stem = p.stem
+            for suffix in ("_masks", "_mask", "_label", "_labels", "_gt"):
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            by_stem[stem] = p
+    return [Sample(name=p.stem, domain=domain, image_path=p, label_path=by_stem.get(p.stem))
+            for p in _images_in(images)]
+
+
+# ----------------------------------------------------------------------------------------------
+# MoNuSeg XML
+
+
+def read_monuseg_polygons(xml_path: str | os.PathLike) -> list[np.ndarray]:
+    """Aperio XML -> list of (K, 2) float arrays of (row, col) vertices, one per ``Region``, in file order.
+
+    Vertex ``X`` is the column and ``Y`` the row (REFERENCE.md section 7).
+    """
+    xml_path = Path(xml_path)
+    try:
+        tree = ET.parse(xml_path)
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(f"{xml_path}: cannot parse MoNuSeg XML ({exc})") from exc
+    polys = []
+    for region in tree.getroot().iter("Region"):
+        verts = [(float(v.get("Y")), float(v.get("X"))) for v in region.iter("Vertex")
+                 if v.get("X") is not None and v.get("Y") is not None]
+        if verts:
+            polys.append(np.asarray(verts, dtype=np.float64))
+    return polys
+
+
+def rasterise_monuseg(xml_path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise MoNuSeg polygons into a consecutive uint32 instance map of ``shape``.
+
+    A pixel belongs to a polygon when its centre lies inside it (``skimage.draw.polygon``); polygons
+    are clipped to the image. Overlaps: polygons are painted from the largest area to the smallest, so
+    the smaller polygon owns the shared pixels; a nucleus annotated inside a bigger one keeps its pixels.
+    Every polygon that covers at least one pixel after clipping and is not wholly covered by smaller ones
+    becomes one instance. Ids follow the polygons' order in the file (then renumbered consecutively).
+    """
+    from skimage.draw import polygon as draw_polygon
+
+    polys = read_monuseg_polygons(xml_path)
+    rasters = []
+    for i, poly in enumerate(polys):
+        rr, cc = draw_polygon(poly[:, 0], poly[:, 1], shape=shape)
+        if rr.size:
+            rasters.append((rr.size, i, rr, cc))
+    out = np.zeros(shape, np.uint32)
+    for _, i, rr, cc in sorted(rasters, key=lambda t: (-t[0], t[1])):
+        out[rr, cc] = i + 1
+    return relabel_consecutive(out)

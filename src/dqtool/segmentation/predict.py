@@ -1,0 +1,113 @@
+"""Cellpose inference with a model file: ``<name>_cp_masks.tif`` per image (Cellpose's own naming).
+
+The model path is checked before Cellpose sees it (a missing path would make Cellpose download cyto3)
+and passed as ``str``; builtin model names are refused. The network runs on the CPU unless a CUDA
+device is present. Masks are consecutive ``uint32`` ids, 0 = background.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from dqtool.common.errors import InputError
+from dqtool.data.io import is_image_file, read_image, relabel_consecutive, write_labels
+from dqtool.common.progress import progress
+
+#: File stems that are labels or Cellpose outputs, never inputs to segment.
+_NOT_INPUTS = ("_masks", "_cp_masks", "_label", "_labels", "_flows", "_seg")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Cellpose ``eval`` settings (its defaults). ``diameter`` None uses the model's training diameter."""
+
+    channels: tuple[int, int] = (0, 0)
+    diameter: float | None = None
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        return {"channels": list(self.channels), "diameter": self.diameter, "flow_threshold": self.flow_threshold,
+                "cellprob_threshold": self.cellprob_threshold, "batch_size": self.batch_size}
+
+
+def load_model(model: str | os.PathLike):
+    """A ``CellposeModel`` from a checked Cellpose 3 model file (never a download)."""
+    import torch
+    from cellpose.models import CellposeModel
+
+    from dqtool.segmentation.model_files import check_model_path, load_state_dict
+
+    load_state_dict(model)  # clear error for a missing file or a file that is not a Cellpose model
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return CellposeModel(pretrained_model=str(check_model_path(model)), model_type=None, device=device)
+
+
+def segment(model, image: np.ndarray, options: PredictOptions = PredictOptions()) -> np.ndarray:
+    """Instance masks of one image ((H, W) or (H, W, 3)) with a loaded ``CellposeModel``."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2 and list(options.channels) != [0, 0]:
+        raise InputError(f"channels {list(options.channels)}: the image is grayscale; use channels 0,0")
+    masks = model.eval(image, channels=list(options.channels), channel_axis=2 if image.ndim == 3 else None,
+                       diameter=options.diameter, flow_threshold=options.flow_threshold,
+                       cellprob_threshold=options.cellprob_threshold, batch_size=options.batch_size)[0]
+    return relabel_consecutive(np.asarray(masks))
+
+
+def list_images(images: str | os.PathLike) -> list[Path]:
+    """One image file, or the image files of a folder (sorted; label files and Cellpose outputs skipped)."""
+    root = Path(images)
+    if not root.exists():
+        raise FileNotFoundError(f"{images}: no such file or folder")
+    if root.is_file():
+        if not is_image_file(root):
+            raise InputError(f"{images}: not an image file (expected .tif/.png/.jpg/.bmp)")
+        return [root]
+    files = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)
+                   and not p.stem.lower().endswith(_NOT_INPUTS))
+    if not files:
+        raise InputError(f"{images}: no images found (label files and *_cp_masks are skipped)")
+    return files
+
+
+def mask_name(image_path: str | os.PathLike) -> str:
+    """``<name>_cp_masks.tif`` for an image ``<name>.<ext>`` (a Cellpose-layout ``NNN_img`` keeps its stem)."""
+    return f"{Path(image_path).stem}_cp_masks.tif"
+
+
+def predict_arrays(model, images: Iterable[np.ndarray], options: PredictOptions = PredictOptions(),
+                   total: int | None = None, quiet: bool = True, desc: str = "predict") -> Iterable[np.ndarray]:
+    """Masks of each image in ``images`` (lazy)."""
+    for image in progress(images, total=total, desc=desc, quiet=quiet, unit="img"):
+        yield segment(model, image, options)
+
+
+def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
+            options: PredictOptions = PredictOptions(), quiet: bool = False) -> list[Path]:
+    """``dqtool predict``: segment every image and write ``out_dir/<name>_cp_masks.tif``; returns the paths."""
+    files = list_images(images)
+    net = load_model(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, masks in zip(files, predict_arrays(net, (read_image(f) for f in files), options,
+                                                 total=len(files), quiet=quiet)):
+        target = out_dir / mask_name(path)
+        write_labels(target, masks)
+        written.append(target)
+    return written
+
+
+def segment_many(model: str | os.PathLike, images: Sequence[np.ndarray],
+                 options: PredictOptions = PredictOptions(), quiet: bool = True) -> list[np.ndarray]:
+    """Masks for a list of in-memory images with the model file ``model``."""
+    net = load_model(model)
+    return list(predict_arrays(net, images, options, total=len(images), quiet=quiet))

@@ -1,0 +1,623 @@
+"""Train Cellpose (3.1.1 line) on patches from a dqtool patch cache.
+
+The epoch loop is Cellpose's own ``cellpose.train.train_seg`` loop, run here step for step with the
+same pieces (``dynamics.labels_to_flows``, ``transforms.random_rotate_and_resize``, ``_loss_fn_seg``,
+the same optimiser settings and learning-rate schedule), because ``train_seg`` itself offers no hook
+for a progress bar, seeding or resuming. ``tests/test_training.py`` proves the two loops give the same
+weights, bit for bit, for the same data and seed 0. ``TrainConfig(engine="train_seg")`` (``--engine
+train_seg``) calls ``train_seg`` itself instead, for labs that want Cellpose's function literally; it gives
+the same model for seed 0 (tested) but cannot resume, show a per-epoch bar or seed numpy's epoch draws.
+
+What dqtool adds (the Cellpose traps of REFERENCE.md section 6):
+
+* seeding: torch is seeded before the network is built; numpy is seeded per epoch with
+  ``epoch_seed(seed, epoch)`` (seed 0 reproduces ``train_seg``'s ``np.random.seed(epoch)``); the caller's
+  global numpy / torch RNG states are restored afterwards;
+* MKL-DNN is off while training on the CPU;
+* model paths are checked before Cellpose sees them (a missing path would make Cellpose download
+  cyto3), passed as ``str``, and builtin names are refused: nothing here downloads;
+* labels are renumbered on copies; the patches ``min_train_masks`` drops are counted and reported;
+* a warning when ``n_epochs`` is within the 10-epoch learning-rate warm-up;
+* a progress bar over epochs with the current loss;
+* a checkpoint every ``save_every`` epochs, from which ``resume=True`` continues after a kill.
+
+Resume restores the network weights, the optimiser state (SGD momentum / AdamW moments), the epoch
+count, the learning-rate schedule and the per-epoch numpy seeds, so a resumed run ends with the same
+weights as an uninterrupted one. What cannot be restored: the epochs after the last checkpoint are
+trained again (their work is lost), and the progress bar's timing starts afresh.
+
+Files beside the model ``MODEL`` (a bare Cellpose state dict, loadable with
+``CellposeModel(pretrained_model=MODEL)`` and the Cellpose GUI):
+``MODEL.json`` (config, data provenance, per-epoch losses), ``MODEL_losses.csv``, ``MODEL_loss.png``
+and ``MODEL_checkpoints/`` (``epoch_NNNN`` Cellpose models, and ``resume.pt`` until the run finishes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dqtool.common.figures import pyplot, save_figure
+from dqtool.common.errors import InputError
+from dqtool.common.progress import bar
+from dqtool.common.files import atomic_write, atomic_write_text, file_sha256
+from dqtool.segmentation.model_files import build_net, check_model_path, load_state_dict, sidecar_paths
+from dqtool.common.tables import write_json
+
+#: Cellpose's learning rate ramps up linearly over this many epochs (``train_seg``).
+WARMUP_EPOCHS = 10
+#: ``dqtool``: train_seg's loop run here step for step (progress bar, any seed, resume);
+#: ``train_seg``: a call to ``cellpose.train.train_seg`` itself (see ``_train_with_train_seg``).
+ENGINES = ("dqtool", "train_seg")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; the defaults are the paper's (Sec. IV.D): grayscale, SGD, lr 0.1, wd 1e-4,
+    500 epochs, a checkpoint every 50 epochs."""
+
+    channels: tuple[int, int] = (0, 0)
+    sgd: bool = True
+    learning_rate: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    n_epochs: int = 500
+    save_every: int = 50
+    bsize: int = 224
+    batch_size: int = 8
+    nimg_per_epoch: int | None = None
+    seed: int = 0
+    min_train_masks: int = 5
+    engine: str = "dqtool"
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise InputError(f"engine = {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(self.channels) != 2 or not all(0 <= c <= 3 for c in self.channels):
+            raise InputError(f"channels {list(self.channels)}: expected two values in 0..3 "
+                             "(0 = gray, 1 = red, 2 = green, 3 = blue)")
+        for name in ("n_epochs", "save_every", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} = {getattr(self, name)}: expected a positive integer")
+        if self.bsize < 16 or self.bsize % 16:
+            raise InputError(f"bsize = {self.bsize}: expected a multiple of 16 (the network halves it 4 times)")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate = {self.learning_rate}: expected > 0")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay = {self.weight_decay}: expected >= 0")
+        if self.nimg_per_epoch is not None and self.nimg_per_epoch < 1:
+            raise InputError(f"nimg_per_epoch = {self.nimg_per_epoch}: expected a positive integer")
+        if self.min_train_masks < 0:
+            raise InputError(f"min_train_masks = {self.min_train_masks}: expected >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        if d["engine"] == "dqtool":  # the default stays out, so runs recorded before the option keep their identity
+            del d["engine"]
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced; ``to_dict()`` is the sidecar JSON."""
+
+    model: Path
+    config: dict
+    provenance: dict
+    train_losses: list[float]
+    learning_rates: list[float]
+    n_patches: int
+    n_dropped: int
+    diam_labels: float
+    seconds: float
+    resumed_from: int = 0
+    warnings: list[str] = field(default_factory=list)
+    complete: bool = True
+
+    def to_dict(self) -> dict:
+        return {"model": str(self.model), "complete": self.complete, "config": self.config,
+                "provenance": self.provenance, "n_patches": self.n_patches, "n_dropped": self.n_dropped,
+                "diam_labels": self.diam_labels, "seconds": self.seconds, "resumed_from": self.resumed_from,
+                "warnings": self.warnings, "train_losses": self.train_losses,
+                "learning_rates": self.learning_rates}
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule and seeds
+
+
+def learning_rate_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
+    """Cellpose 3.1.1's per-epoch learning rate (``train_seg``), length ``n_epochs``.
+
+    LR[e] = learning_rate * e / 9 for e < 10 (linear warm-up from 0), then ``learning_rate``;
+    for n_epochs > 300 the last 100 epochs are 10 steps of 10 epochs, each half the previous;
+    for 100 < n_epochs <= 300 the last 50 epochs are 10 steps of 5 epochs, halving likewise.
+    """
+    lr = np.linspace(0, learning_rate, WARMUP_EPOCHS)
+    lr = np.append(lr, learning_rate * np.ones(max(0, n_epochs - WARMUP_EPOCHS)))
+    if n_epochs > 100:
+        steps, width = (100, 10) if n_epochs > 300 else (50, 5)
+        lr = lr[:-steps]
+        for _ in range(10):
+            lr = np.append(lr, lr[-1] / 2 * np.ones(width))
+    return lr[:n_epochs]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The numpy seed of one epoch: ``epoch`` for seed 0 (as ``train_seg`` does), else a
+    ``SeedSequence([seed, epoch])`` draw, so different seeds give independent epoch streams."""
+    if seed == 0:
+        return int(epoch)
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _rng_scope(seed: int):
+    """Seed torch for this block and restore the caller's numpy and torch RNG states afterwards."""
+    import torch
+
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _mkldnn_off():
+    import torch
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def check_channels(channels: Sequence[int], n_channels: int, where: str) -> None:
+    """A gray cache (1 channel) takes only channels [0, 0]; RGB takes 0..3 for both."""
+    channels = list(channels)
+    if n_channels == 1 and channels != [0, 0]:
+        raise InputError(f"{where}: patches are grayscale (1 channel) but channels = {channels}; "
+                         "use channels 0,0 (or build the cache with colour channels)")
+
+
+def prepare_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], channels: Sequence[int],
+                    min_train_masks: int):
+    """Cellpose training inputs from cache patches.
+
+    Returns (data, flows, keep, n_masks): images as Cellpose's ``_reshape_norm`` makes them for
+    ``train_seg`` (channels selected, (2, S, S) float32, per-patch 1-99 percentile normalisation), flows
+    from ``labels_to_flows`` computed on renumbered *copies* of the labels, and the patch positions kept
+    (those with at least ``min_train_masks`` masks, as ``train_seg`` keeps them).
+    """
+    from cellpose import dynamics, models
+    from cellpose.train import _reshape_norm
+
+    images = [np.asarray(im) for im in images]  # patches may come from caches of different sizes
+    n_masks = np.array([np.unique(np.asarray(lb)[np.asarray(lb) > 0]).size for lb in labels], dtype=np.int64)
+    keep = np.nonzero(n_masks >= max(min_train_masks, 1))[0]
+    if keep.size == 0:
+        return [], [], keep, n_masks
+    norm = {**models.normalize_default, "normalize": True}  # a copy: Cellpose mutates its module default
+    data = []
+    for i in keep:
+        im = images[i][..., 0] if images[i].ndim == 3 and images[i].shape[-1] == 1 else images[i]
+        rgb = im.ndim == 3
+        data += _reshape_norm([im], channels=list(channels), channel_axis=2 if rgb else None,
+                              normalize_params=norm)
+    data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
+    label_copies = [np.array(labels[i], dtype=np.int64, copy=True) for i in keep]
+    import torch
+
+    flows = dynamics.labels_to_flows(label_copies, device=torch.device("cpu"))
+    return data, flows, keep, n_masks
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _optimizer(net, config: TrainConfig):
+    import torch
+
+    if config.sgd:
+        return torch.optim.SGD(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                               momentum=config.momentum)
+    return torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, optimizer=None,
+               train_losses: np.ndarray | None = None, on_epoch=None, quiet: bool = True):
+    """Cellpose's ``train_seg`` epoch loop over prepared ``data``/``flows``, epochs start..n_epochs-1.
+
+    Per epoch e: numpy seeded with ``epoch_seed(seed, e)``, a permutation (or ``nimg_per_epoch`` draws),
+    lr = ``learning_rate_schedule(...)[e]``, batches augmented by ``random_rotate_and_resize`` (scale
+    range 0.5, rescaled by diam / diam_mean), loss = MSE(5 * flows, y[:2]) / 2 + BCE(y[2], cellprob > .5)
+    (Cellpose's ``_loss_fn_seg``); loss[e] = sum over batches of loss * len(batch) / nimg_per_epoch.
+    ``on_epoch(e, optimizer, train_losses)`` runs after each epoch (checkpoints, progress).
+    """
+    import torch
+    from cellpose import transforms, utils
+    from cellpose.train import _loss_fn_seg
+
+    device = torch.device("cpu")
+    nimg = len(data)
+    diam_train = np.array([utils.diameters(f[0])[0] for f in flows], dtype=np.float64)
+    diam_train[diam_train < 5] = 5.0
+    net.diam_labels.data = torch.Tensor([diam_train.mean()]).to(device)
+    nimg_per_epoch = nimg if config.nimg_per_epoch is None else config.nimg_per_epoch
+    probs = np.full(nimg, 1.0 / nimg)
+    lr_schedule = learning_rate_schedule(config.learning_rate, config.n_epochs)
+    optimizer = optimizer or _optimizer(net, config)
+    losses = np.zeros(config.n_epochs) if train_losses is None else train_losses
+    progress = bar(config.n_epochs, desc="train", quiet=quiet, unit="epoch", initial=start_epoch)
+    try:
+        for iepoch in range(start_epoch, config.n_epochs):
+            np.random.seed(epoch_seed(config.seed, iepoch))
+            if nimg != nimg_per_epoch:
+                rperm = np.random.choice(np.arange(0, nimg), size=(nimg_per_epoch,), p=probs)
+            else:
+                rperm = np.random.permutation(np.arange(0, nimg))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule[iepoch]
+            net.train()
+            losses[iepoch] = 0.0
+            for k in range(0, nimg_per_epoch, config.batch_size):
+                inds = rperm[k:k + config.batch_size]
+                imgs = [data[i] for i in inds]
+                lbls = [flows[i][1:] for i in inds]
+                rsc = diam_train[inds] / net.diam_mean.item()
+                imgi, lbl = transforms.random_rotate_and_resize(imgs, Y=lbls, rescale=rsc, scale_range=0.5,
+                                                                xy=(config.bsize, config.bsize))[:2]
+                y = net(torch.from_numpy(imgi).to(device))[0]
+                loss = _loss_fn_seg(lbl, y, device)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses[iepoch] += loss.item() * len(imgi)
+            losses[iepoch] /= nimg_per_epoch
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[iepoch]:.4f}", lr=f"{lr_schedule[iepoch]:.4g}")
+            if on_epoch is not None:
+                on_epoch(iepoch, optimizer, losses)
+    finally:
+        progress.close()
+    return losses, lr_schedule, optimizer
+
+
+# --------------------------------------------------------------------------------------------------
+# files beside the model
+
+
+def _identity(config: TrainConfig, provenance: dict) -> str:
+    blob = json.dumps({"config": config.to_dict(), "provenance": provenance}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_losses(paths: dict, losses: Sequence[float], lrs: Sequence[float]) -> None:
+    lines = ["epoch,learning_rate,train_loss"]
+    lines += [f"{e},{lr:.8g},{loss:.8g}" for e, (lr, loss) in enumerate(zip(lrs, losses))]
+    atomic_write_text(paths["csv"], "\n".join(lines) + "\n")
+    plot_losses(losses, paths["png"])
+
+
+def plot_losses(losses: Sequence[float], path: str | os.PathLike, title: str = "Cellpose training loss") -> Path:
+    """Loss per epoch as a PNG (log scale when all losses are positive)."""
+    plt = pyplot()
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(np.arange(len(losses)), losses, lw=1.2)
+    if len(losses) and min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _save_state(path: Path, obj) -> None:
+    import torch
+
+    with atomic_write(path) as tmp:
+        torch.save(obj, str(tmp))
+
+
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], out: str | os.PathLike, config: TrainConfig,
+                  init: str | os.PathLike | None = None, provenance: dict | None = None, resume: bool = False,
+                  stop_after: int | None = None, quiet: bool = False) -> TrainResult:
+    """Train on in-memory patches (uint8 (n, S, S, C), labels (n, S, S)) and write the model to ``out``.
+
+    ``provenance`` describes where the patches came from (kept in the JSON and part of the run's
+    identity). ``stop_after`` ends the run after that many epochs (as a kill would; used by tests).
+    """
+    out = Path(out)
+    paths = sidecar_paths(out)
+    provenance = dict(provenance or {})
+    if init is not None:
+        load_state_dict(init)  # a bad model fails here, before anything is written
+        provenance["init"] = {"path": str(check_model_path(init)), "sha256": file_sha256(check_model_path(init))[:16]}
+    else:
+        provenance["init"] = None
+    identity = _identity(config, provenance)
+    found = _check_existing(paths, out, identity, resume)
+    if found is not None:
+        _say(f"{out}: already trained with this config; reusing it", quiet)
+        return found
+
+    warns = []
+    if config.n_epochs <= WARMUP_EPOCHS:
+        warns.append(f"n_epochs = {config.n_epochs}: Cellpose's learning rate warms up from 0 over the first "
+                     f"{WARMUP_EPOCHS} epochs, so it never reaches {config.learning_rate} and little is learnt; "
+                     f"use more than {WARMUP_EPOCHS} epochs")
+    if len(images) == 0:
+        raise InputError(f"{provenance.get('cache', out)}: the training set is empty (no patches selected)")
+    with _quiet_stderr(quiet):  # Cellpose's labels_to_flows shows its own bar
+        data, flows, keep, n_masks = prepare_patches(images, labels, config.channels, config.min_train_masks)
+    n_dropped = len(images) - keep.size
+    where = provenance.get("cache", str(out))
+    if int(n_masks.sum()) == 0:
+        raise InputError(f"{where}: the training set has no masks ({len(images)} patches, all background)")
+    if keep.size == 0:
+        raise InputError(f"{where}: all {len(images)} patches have fewer than min_train_masks = "
+                         f"{config.min_train_masks} masks (most has {int(n_masks.max())}); lower --min-train-masks")
+    if n_dropped:
+        warns.append(f"min_train_masks = {config.min_train_masks} dropped {n_dropped} of {len(images)} patches "
+                     f"(fewer masks than that); training on {keep.size}")
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+        _say(f"warning: {w}", quiet)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths["checkpoints"].mkdir(exist_ok=True)
+    resume_file = paths["checkpoints"] / "resume.pt"
+    record = {"model": str(out), "complete": False, "identity": identity, "config": config.to_dict(),
+              "provenance": provenance, "n_patches": int(keep.size), "n_dropped": int(n_dropped),
+              "dropped_positions": [int(i) for i in np.setdiff1d(np.arange(len(images)), keep)],
+              "warnings": warns}
+    write_json(paths["json"], record)
+
+    t0 = time.perf_counter()
+    import torch
+
+    if config.engine == "train_seg":
+        if stop_after is not None:
+            raise ValueError("stop_after needs engine 'dqtool' (train_seg cannot be stopped between epochs)")
+        if resume and resume_file.exists():
+            _say(f"{out}: engine train_seg cannot resume (train_seg always starts at epoch 0); training from the "
+                 "start", quiet)
+        with _rng_scope(config.seed), _mkldnn_off():
+            net = build_net(init)
+            losses, lrs = _train_with_train_seg(net, images, labels, out, paths, config, quiet)
+            diam_labels = float(net.diam_labels.item())
+        result = TrainResult(model=out, config=config.to_dict(), provenance=provenance,
+                             train_losses=[float(x) for x in losses], learning_rates=[float(x) for x in lrs],
+                             n_patches=int(keep.size), n_dropped=int(n_dropped), diam_labels=diam_labels,
+                             seconds=time.perf_counter() - t0, resumed_from=0, warnings=warns)
+        _write_losses(paths, result.train_losses, result.learning_rates)
+        write_json(paths["json"], {**record, **result.to_dict(), "identity": identity})
+        return result
+
+    with _rng_scope(config.seed), _mkldnn_off():
+        net = build_net(init)
+        optimizer = _optimizer(net, config)
+        start, losses = 0, np.zeros(config.n_epochs)
+        if resume and resume_file.exists():
+            state = torch.load(str(resume_file), map_location="cpu", weights_only=False)
+            if state.get("identity") != identity:
+                raise InputError(f"{resume_file}: checkpoint is from a different config; cannot resume")
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["epoch"])
+            losses[:start] = state["train_losses"][:start]
+            _say(f"resuming {out} at epoch {start} of {config.n_epochs}", quiet)
+
+        def on_epoch(iepoch, opt, losses_now):
+            done = iepoch + 1
+            if done % config.save_every == 0 and done < config.n_epochs:
+                net.save_model(str(paths["checkpoints"] / f"epoch_{done:04d}"))
+                _save_state(resume_file, {"identity": identity, "epoch": done, "net": net.state_dict(),
+                                          "optimizer": opt.state_dict(),
+                                          "train_losses": np.array(losses_now[:done])})
+            if stop_after is not None and done >= stop_after and done < config.n_epochs:
+                raise _Stopped(done)
+
+        try:
+            losses, lrs, _ = run_epochs(net, data, flows, config, start_epoch=start, optimizer=optimizer,
+                                        train_losses=losses, on_epoch=on_epoch, quiet=quiet)
+        except _Stopped:
+            return TrainResult(model=out, config=config.to_dict(), provenance=provenance, train_losses=[],
+                               learning_rates=[], n_patches=int(keep.size), n_dropped=int(n_dropped),
+                               diam_labels=float(net.diam_labels.item()), seconds=time.perf_counter() - t0,
+                               resumed_from=start, warnings=warns, complete=False)
+        with atomic_write(out) as tmp:
+            net.save_model(str(tmp))
+        resume_file.unlink(missing_ok=True)  # finished: the epoch_NNNN checkpoints stay, the resume state goes
+        diam_labels = float(net.diam_labels.item())
+
+    result = TrainResult(model=out, config=config.to_dict(), provenance=provenance,
+                         train_losses=[float(x) for x in losses], learning_rates=[float(x) for x in lrs],
+                         n_patches=int(keep.size), n_dropped=int(n_dropped), diam_labels=diam_labels,
+                         seconds=time.perf_counter() - t0, resumed_from=start, warnings=warns)
+    _write_losses(paths, result.train_losses, result.learning_rates)
+    write_json(paths["json"], {**record, **result.to_dict(), "identity": identity})
+    return result
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _train_with_train_seg(net, images, labels, out: Path, paths: dict, config: TrainConfig, quiet: bool):
+    """Train ``net`` with ``cellpose.train.train_seg`` itself; returns (per-epoch losses, learning rates).
+
+    The patches go in as Cellpose takes in-memory data (images with the config's channels, label
+    *copies*, ``normalize=True``): train_seg normalises, drops patches with fewer than
+    ``min_train_masks`` masks and computes the flows itself. It saves into a temporary folder beside
+    ``out`` (``save_each``: one file after epoch indices 50, 100, ... for ``save_every`` 50, moved to
+    ``MODEL_checkpoints/epoch_NNNN`` with NNNN the epochs done); the
+    final model is renamed onto ``out``. What this engine cannot do: resume (train_seg always starts at
+    epoch 0 with its warm-up), seed numpy's epoch draws other than train_seg's own ``np.random.seed(epoch)``
+    (``seed`` still sets the network's initial weights), and show a per-epoch bar (Cellpose logs every
+    10 epochs, shown unless quiet).
+    """
+    import logging
+    import shutil
+    import tempfile
+
+    from cellpose.train import train_seg
+
+    data = [np.asarray(im) for im in images]
+    data = [im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im for im in data]
+    rgb = data[0].ndim == 3
+    logger = logging.getLogger("cellpose.train")
+    handler, level = None, logger.level
+    if not quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.train_seg.", dir=out.parent))
+    try:
+        with _quiet_stderr(quiet):
+            filename, losses, _ = train_seg(
+                net, train_data=data, train_labels=[np.array(lb, dtype=np.int64, copy=True) for lb in labels],
+                channels=list(config.channels), channel_axis=2 if rgb else None, normalize=True,
+                SGD=config.sgd, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                momentum=config.momentum, n_epochs=config.n_epochs, bsize=config.bsize,
+                batch_size=config.batch_size, nimg_per_epoch=config.nimg_per_epoch,
+                min_train_masks=config.min_train_masks, save_path=str(work), save_every=config.save_every,
+                save_each=True, model_name="model")
+        for ckpt in sorted((work / "models").glob("model_epoch_*")):
+            epoch = int(ckpt.name.rsplit("_", 1)[1]) + 1  # train_seg names a save by the 0-based epoch index
+            if 0 < epoch < config.n_epochs:
+                os.replace(ckpt, paths["checkpoints"] / f"epoch_{epoch:04d}")
+        os.replace(filename, out)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        shutil.rmtree(work, ignore_errors=True)
+    return np.asarray(losses, dtype=np.float64), learning_rate_schedule(config.learning_rate, config.n_epochs)
+
+
+def _check_existing(paths: dict, out: Path, identity: str, resume: bool) -> TrainResult | None:
+    """Refuse an output that holds a different run; return the finished run if it is this one."""
+    if not paths["json"].exists():
+        if out.exists() and not resume:
+            raise InputError(f"{out}: exists and was not written by dqtool train; choose another --out")
+        return None
+    try:
+        old = json.loads(paths["json"].read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{paths['json']}: unreadable training record ({exc}); delete it or choose another --out")
+    if old.get("identity") != identity:
+        raise InputError(f"{out}: already holds a model trained with a different config or data "
+                         f"(see {paths['json']}); choose another --out or delete it")
+    if old.get("complete") and out.exists():
+        return TrainResult(model=out, config=old["config"], provenance=old["provenance"],
+                           train_losses=old["train_losses"], learning_rates=old["learning_rates"],
+                           n_patches=old["n_patches"], n_dropped=old["n_dropped"], diam_labels=old["diam_labels"],
+                           seconds=old["seconds"], resumed_from=old.get("resumed_from", 0),
+                           warnings=old.get("warnings", []))
+    if not resume:
+        raise InputError(f"{out}: a previous run with this config did not finish; pass --resume to continue "
+                         "from its last checkpoint, or choose another --out")
+    return None
+
+
+def load_patches(cache_path: str | os.PathLike, indices: Sequence[int] | None = None):
+    """(images, labels, provenance) of the selected patches of one cache (all patches when ``indices`` is None)."""
+    from dqtool.data.cache import PatchCache
+
+    with PatchCache(cache_path) as cache:
+        if not cache.has_labels:
+            raise InputError(f"{cache_path}: cache has no labels; training needs labelled patches")
+        idx = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
+        images = cache.images(idx)
+        labels = cache.labels(idx)
+        provenance = {"cache": str(Path(cache_path).resolve()), "cache_hash": cache.content_hash,
+                      "n_channels": cache.n_channels, "n_selected": int(idx.size), "n_in_cache": len(cache),
+                      "indices_sha256": hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]}
+    return images, labels, provenance
+
+
+def read_subset_indices(subset: str | os.PathLike, cache_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Indices of a subset JSON, checked against the cache (hash and range)."""
+    path = Path(subset)
+    if not path.exists():
+        raise FileNotFoundError(f"{subset}: no such subset file")
+    try:
+        from dqtool.selection.quantize import read_subset
+
+        sub = read_subset(path, cache=cache_path)
+    except ImportError:  # selection module not installed yet: validate here
+        try:
+            sub = json.loads(path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{subset}: not a subset JSON ({exc})") from exc
+    if "indices" not in sub:
+        raise InputError(f"{subset}: no 'indices' in the subset file")
+    idx = np.asarray(sub["indices"], dtype=np.int64)
+    from dqtool.data.cache import PatchCache
+
+    with PatchCache(cache_path) as cache:
+        n = len(cache)
+        if sub.get("cache_hash") and sub["cache_hash"] != cache.content_hash:
+            raise InputError(f"{subset}: selected from a cache with hash {sub['cache_hash']}, but {cache_path} "
+                             f"has {cache.content_hash}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        bad = int(idx[(idx < 0) | (idx >= n)][0])
+        raise InputError(f"{subset}: patch index {bad} is outside {cache_path} (0..{n - 1})")
+    return idx, {k: sub.get(k) for k in ("method", "rate", "bins", "seed", "config") if k in sub}
+
+
+def train(cache_path: str | os.PathLike, out: str | os.PathLike, subset: str | os.PathLike | None = None,
+          init: str | os.PathLike | None = None, config: TrainConfig | None = None, resume: bool = False,
+          stop_after: int | None = None, quiet: bool = False) -> TrainResult:
+    """``dqtool train``: Cellpose on the (subset of the) cache's patches, written to ``out``."""
+    config = config or TrainConfig()
+    indices, subset_info = (None, None)
+    if subset is not None:
+        indices, subset_info = read_subset_indices(subset, cache_path)
+    images, labels, provenance = load_patches(cache_path, indices)
+    check_channels(config.channels, provenance["n_channels"], str(cache_path))
+    if subset is not None:
+        provenance["subset"] = {"path": str(Path(subset).resolve()), **(subset_info or {})}
+    return train_patches(images, labels, out, config, init=init, provenance=provenance, resume=resume,
+                         stop_after=stop_after, quiet=quiet)

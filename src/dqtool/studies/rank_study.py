@@ -1,0 +1,181 @@
+"""Evidence for label-free ranking: a bank of Cellpose models of graded quality, ranked on a labelled target.
+
+``rank_study`` writes the embedded default domains (:func:`dqtool.synthetic.generate`), builds one
+patch cache per training domain, trains a bank of models that differ in training domain, epochs and
+subset rate (:func:`dqtool.training.train_patches`), then ranks the bank on the target domain's test
+images with :func:`dqtool.rank.rank_models` once with bottleneck dropout and once with an input
+perturbation, with the target labels for validation. It reports, per perturbation and consistency
+score (adapted Rand, NHD, effective invariance), Pearson (raw), Spearman and Kendall (ranks) against
+each model's F1 at IoU 0.5 and mean accuracy over 0.5:0.95, with permutation-test p-values. Every random choice (data, subsets, training, dropout, noise) is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+from dqtool.common.figures import pyplot, save_figure
+from dqtool.common.errors import InputError
+from dqtool.common.progress import progress
+from dqtool.common.tables import write_json, write_table
+
+__all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "rank_study"]
+
+
+@dataclass(frozen=True)
+class BankMember:
+    """One model of the bank: trained on ``domain`` patches, a ``rate`` fraction of them, ``epochs`` epochs."""
+
+    domain: str
+    epochs: int
+    rate: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain}_r{int(round(100 * self.rate)):03d}_e{self.epochs:03d}"
+
+
+# graded by design: the target's own domain with fewer epochs and fewer patches, then other domains
+DEFAULT_BANK = (
+    BankMember("fluo", 60), BankMember("fluo", 30), BankMember("fluo", 15), BankMember("fluo", 60, 0.25),
+    BankMember("fluo", 60, 0.1), BankMember("multi", 60), BankMember("histo", 60), BankMember("histo", 20),
+)
+
+
+# the same grading on a smaller CPU budget (still past Cellpose's 10-epoch learning-rate warm-up)
+QUICK_BANK = (
+    BankMember("fluo", 30), BankMember("fluo", 15), BankMember("fluo", 30, 0.25), BankMember("multi", 30),
+    BankMember("histo", 30), BankMember("histo", 15),
+)
+
+
+def _subset(n: int, rate: float, seed: int) -> np.ndarray:
+    k = max(1, int(round(rate * n)))
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nimg_per_epoch: int = 16,
+               seed: int = 0, quiet: bool = True) -> list[Path]:
+    """Train each member (skipped when its model file exists); returns the model paths."""
+    from dqtool.data.cache_build import build_cache_from_folders
+    from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
+
+    caches = out / "caches"
+    models = out / "bank"
+    caches.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for member in progress(members, total=len(members), desc="bank", quiet=quiet, unit="model"):
+        model = models / f"{member.name}.pth"
+        paths.append(model)
+        if model.exists():
+            continue
+        cache = caches / f"{member.domain}.h5"
+        build_cache_from_folders([data / member.domain], cache, domains=[member.domain], split="train", quiet=True)
+        images, labels, provenance = load_patches(cache)
+        idx = _subset(len(images), member.rate, seed) if member.rate < 1 else np.arange(len(images))
+        provenance = {**provenance, "rate": member.rate, "n_selected": int(len(idx))}
+        config = TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
+                             nimg_per_epoch=nimg_per_epoch, seed=seed)
+        train_patches(images[idx], labels[idx], model, config, provenance=provenance, resume=True, quiet=quiet)
+    return paths
+
+
+def _num(value) -> float:
+    """A score as a float (NaN for a missing one: JSON writes NaN as null)."""
+    return math.nan if value is None else float(value)
+
+
+_SCORE_COLUMNS = (("score", "adapted Rand"), ("nhd", "NHD"), ("ei", "effective invariance"))
+
+
+def plot_study(rows: list[dict], perturbations, path: Path) -> Path:
+    """One panel per perturbation x consistency score: median consistency (x) against F1 at IoU 0.5 (y).
+
+    Models are numbered by F1 (1 = best) and listed beside the panels; a model without a score for a
+    panel (no objects to compare) is left out of it and counted in its title.
+    """
+    plt = pyplot()
+
+    perturbations = list(perturbations)
+    fig, axes = plt.subplots(len(perturbations), len(_SCORE_COLUMNS), squeeze=False,
+                             figsize=(4.2 * len(_SCORE_COLUMNS) + 2.6, 3.4 * len(perturbations)))
+    for i, pert in enumerate(perturbations):
+        for j, (key, title) in enumerate(_SCORE_COLUMNS):
+            ax = axes[i][j]
+            pts = [(k + 1, _num(r.get(f"{pert}_{key}")), _num(r["f1"])) for k, r in enumerate(rows)]
+            shown = [(n, x, y) for n, x, y in pts if not (math.isnan(x) or math.isnan(y))]
+            ax.scatter([x for _, x, _ in shown], [y for _, _, y in shown], s=22)
+            for n, x, y in shown:
+                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 3 + 7 * (n % 3)), fontsize=8)
+            missing = len(pts) - len(shown)
+            ax.set_title(f"{pert}: {title}" + (f" ({missing} without a score)" if missing else ""), fontsize=9)
+            ax.set_xlabel(f"median {title}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("F1 at IoU 0.5 (target labels)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    legend = "\n".join(f"{k + 1}  {r['model']}  F1 {_num(r['f1']):.2f}" for k, r in enumerate(rows))
+    right = 1 - 2.5 / fig.get_figwidth()
+    fig.text(right + 0.01, 0.5, legend, ha="left", va="center", fontsize=8, family="monospace")
+    fig.tight_layout(rect=(0, 0, right, 1))
+    return save_figure(fig, path, dpi=110)
+
+
+def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BANK,
+               perturbations=("dropout", "noise"), bsize: int = 64, nimg_per_epoch: int = 16, seed: int = 0,
+               n_train: int = 12, n_test: int = 6, size: int = 336, quiet: bool = True) -> dict:
+    """Build the bank, rank it on ``target``/test with each perturbation, correlate with F1; returns the summary."""
+    from dqtool.ranking.rank import rank_models
+    from dqtool.data.synthetic import generate
+
+    out = Path(out)
+    from dqtool.data.synthetic import DOMAINS
+
+    if target not in DOMAINS:
+        raise InputError(f"target {target!r}: expected one of the embedded domains {', '.join(DOMAINS)}")
+    data = generate(out / "data", seed=seed, n_train=n_train, n_test=n_test, size=size, quiet=quiet)
+    build_bank(data, out, members, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed, quiet=quiet)
+    images = data / target / "test"
+    target_images = out / "target" / "images"
+    target_labels = out / "target" / "labels"
+    target_images.mkdir(parents=True, exist_ok=True)
+    target_labels.mkdir(parents=True, exist_ok=True)
+    for p in sorted(images.glob("*_img.png")):  # the unlabelled view a user has, and its labels apart
+        (target_images / p.name).write_bytes(p.read_bytes())
+        (target_labels / p.name.replace("_img", "_masks")).write_bytes(
+            (images / p.name.replace("_img", "_masks")).read_bytes())
+    results = {}
+    for pert in perturbations:
+        results[pert] = rank_models(out / "bank", target_images, labels=target_labels, perturbation=pert,
+                                    out=out / f"rank_{pert}", seed=seed, quiet=quiet)
+    by_model: dict[str, dict] = {}
+    for pert, res in results.items():
+        for m in res.ranked:
+            name = Path(m.model).stem
+            row = by_model.setdefault(name, {"model": name, "f1": m.f1, "accuracy": m.accuracy})
+            row[f"{pert}_rank"] = m.rank
+            row[f"{pert}_score"] = m.score
+            row[f"{pert}_nhd"] = m.nhd
+            row[f"{pert}_ei"] = m.effective_invariance
+    rows = sorted(by_model.values(), key=lambda r: -r["f1"] if not math.isnan(r["f1"]) else math.inf)
+    f1 = np.array([r["f1"] for r in rows], np.float64)
+    # ties share the best rank (several models with F1 = 0 are all last, not ordered arbitrarily)
+    f1_rank = rankdata(np.where(np.isnan(f1), np.inf, -f1), method="min") if len(rows) else []
+    for r, k in zip(rows, f1_rank):
+        r["f1_rank"] = int(k)
+    correlations = []
+    for pert, res in results.items():
+        for c in res.correlations:  # every consistency score (the ranking uses res.score) against F1 and accuracy
+            correlations.append({"perturbation": pert, **c})
+    write_table(rows, out / "study")
+    write_table(correlations, out / "study_correlations")
+    summary = {"target": target, "members": [m.name for m in members], "rows": rows, "correlations": correlations,
+               "timing": {p: r.timing for p, r in results.items()}}
+    write_json(out / "study_summary.json", summary)
+    plot_study(rows, list(perturbations), out / "study.png")
+    return summary

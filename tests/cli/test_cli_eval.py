@@ -1,0 +1,173 @@
+"""``dqtool eval`` end to end: pairing layouts, tables written, bad input reported, exit codes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from PIL import Image
+
+from dqtool.evaluation import metrics
+from dqtool.evaluation.folders import find_label_files, pair_folders, pairing_key
+from dqtool.data.io import read_labels
+from dqtool_cli.main import cli
+
+
+def cells(shape, n, seed):
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(0, 1, size=(n, 2)) * np.array(shape)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
+    lab = (np.argmin(d, axis=-1) + 1).astype(np.uint16)
+    lab[d.min(axis=-1) > shape[0] * shape[1] / n * 0.3] = 0
+    return lab
+
+
+def damaged(y, seed):
+    rng = np.random.default_rng(seed)
+    pred = np.roll(y, int(rng.integers(1, 3)), axis=1).copy()
+    pred[np.isin(pred, rng.choice(np.unique(y)[1:], 3, replace=False))] = 0
+    return pred
+
+
+def png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def tif(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, arr, photometric="minisblack")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["eval", *map(str, args), "--quiet"])
+
+
+def read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_pairing_keys_of_the_usual_layouts():
+    assert pairing_key("001_masks") == "001"
+    assert pairing_key("001_img_cp_masks") == "001"
+    assert pairing_key("cell_00001_label") == "cell_00001"
+    assert pairing_key("GOWT1_t01") == "GOWT1_t01"
+    assert pairing_key("_img") == "_img"
+
+
+def test_cellpose_layout_with_domains(tmp_path):
+    gt, pred, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "out"
+    arrays = {}
+    for k, domain in enumerate(["fluo", "fluo", "histo"]):
+        y = cells((60, 70), 20, seed=k)
+        p = damaged(y, seed=10 + k)
+        png(gt / domain / "test" / f"{k:03d}_masks.png", y)
+        png(gt / domain / "test" / f"{k:03d}_img.png", np.zeros((60, 70), np.uint8))  # an image, ignored
+        png(pred / domain / f"{k:03d}_img_cp_masks.png", p)
+        tif(pred / domain / f"{k:03d}_img_flows.tif", np.zeros((3, 60, 70), np.float32))  # ignored
+        arrays[f"{domain}/{k:03d}"] = (y, p)
+    res = run("--gt", gt, "--pred", pred, "--thresholds", "0.5:0.75:0.25", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "| fluo | 2 |" in res.output and "| histo | 1 |" in res.output and "| all | 3 |" in res.output
+    rows = read_csv(out / "per_image.csv")
+    assert sorted(r["name"] for r in rows) == sorted(arrays)
+    for row in rows:
+        y, p = arrays[row["name"]]
+        want = metrics.instance_scores(y, p, (0.5, 0.75))
+        assert int(row["tp@0.50"]) == want[0].tp and int(row["fn@0.75"]) == want[1].fn
+        assert float(row["panoptic_quality@0.75"]) == pytest.approx(want[1].panoptic_quality, rel=1e-12)
+        assert float(row["iou"]) == pytest.approx(metrics.pixel_scores(y, p).iou, rel=1e-12)
+    summary = {r["domain"]: r for r in read_csv(out / "summary.csv")}
+    assert set(summary) == {"fluo", "histo", "all"}
+    f1 = [float(r["f1@0.50"]) for r in rows if r["domain"] == "fluo"]
+    assert float(summary["fluo"]["f1@0.50_mean"]) == pytest.approx(np.mean(f1))
+    assert float(summary["fluo"]["f1@0.50_std"]) == pytest.approx(np.std(f1, ddof=1))
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["thresholds"] == [0.5, 0.75] and doc["problems"] == []
+    assert (out / "summary.md").read_text().startswith("Scored 3 image pairs")
+    assert not (out / "problems.csv").exists()
+
+
+@pytest.mark.parametrize("style", ["label_suffix", "same_stem"])
+def test_neurips_layout_on_real_labels(real_data, tmp_path, style):
+    labels = sorted((real_data / "multi_neurips" / "labels").glob("*_label.tiff"))
+    pred = tmp_path / "pred"
+    truth = {}
+    for k, path in enumerate(labels):
+        y = read_labels(path)
+        p = damaged(y, seed=k).astype(np.uint16)
+        tif(pred / (path.name if style == "label_suffix" else path.name.replace("_label.tiff", ".tif")), p)
+        truth[path.name.removesuffix("_label.tiff")] = (y, p)
+    res = run("--gt", real_data / "multi_neurips", "--pred", pred, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in read_csv(tmp_path / "out" / "per_image.csv")}
+    assert set(rows) == set(truth)
+    for name, (y, p) in truth.items():
+        assert float(rows[name]["f1@0.50"]) == pytest.approx(metrics.instance_scores(y, p)[0].f1, rel=1e-12)
+        assert rows[name]["domain"] == "all"
+
+
+def test_bad_pairs_are_reported_and_good_ones_scored(tmp_path):
+    gt, pred, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "out"
+    y = cells((40, 40), 10, seed=1)
+    for name in ("good", "shape", "float", "negative", "volume", "junk", "lonely"):
+        tif(gt / f"{name}_label.tiff", y)
+    tif(pred / "good_label.tiff", damaged(y, 2))
+    tif(pred / "shape_label.tiff", y[:, :30])
+    tif(pred / "float_label.tiff", y.astype(np.float32))
+    tif(pred / "negative_label.tiff", y.astype(np.int16) - 1)
+    tif(pred / "volume_label.tiff", np.stack([y, y, y]))
+    (pred / "junk_label.tiff").write_bytes(b"not a tiff")
+    tif(pred / "orphan_label.tiff", y)
+    res = run("--gt", gt, "--pred", pred, "--out", out)
+    assert res.exit_code == 3, res.output
+    rows = read_csv(out / "per_image.csv")
+    assert [r["name"] for r in rows] == ["good"]
+    problems = {r["file"]: r for r in read_csv(out / "problems.csv")}
+    assert problems[str(gt / "lonely_label.tiff")]["kind"] == "no prediction"
+    assert problems[str(pred / "orphan_label.tiff")]["kind"] == "no ground truth"
+    expected = {"shape": "shape mismatch", "float": "floating point", "negative": "negative",
+                "volume": "2-D", "junk": "cannot read"}
+    for name, words in expected.items():
+        message = problems[name]["message"]
+        assert words in message and f"{name}_label.tiff" in message, message
+    assert "lonely_label.tiff" in res.output  # stderr is mixed into CliRunner's output
+
+
+def test_nothing_scored_and_nothing_paired_fail(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    tif(gt / "a_label.tiff", cells((20, 20), 4, 0))
+    tif(pred / "a_label.tiff", np.zeros((20, 21), np.uint16))
+    assert run("--gt", gt, "--pred", pred, "--out", tmp_path / "o1").exit_code == 1
+    tif(pred / "a_label.tiff", np.zeros((20, 20), np.uint16))
+    (pred / "a_label.tiff").rename(pred / "b_label.tiff")
+    res = run("--gt", gt, "--pred", pred, "--out", tmp_path / "o2")
+    assert res.exit_code == 1 and "no prediction pairs" in res.output
+
+
+def test_usage_errors_exit_2(tmp_path):
+    (tmp_path / "gt").mkdir()
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "missing", "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "gt", "--out", tmp_path / "o", "--thresholds", "0:1")
+    assert res.exit_code == 2 and "thresholds" in res.output
+
+
+def test_two_files_for_one_image_is_an_error(tmp_path):
+    tif(tmp_path / "gt" / "a_masks.tif", cells((20, 20), 4, 0))
+    tif(tmp_path / "gt" / "a_label.tiff", cells((20, 20), 4, 0))
+    tif(tmp_path / "pred" / "a_cp_masks.tif", cells((20, 20), 4, 0))
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "pred", "--out", tmp_path / "o")
+    assert res.exit_code == 1 and "a_masks.tif" in res.output and "a_label.tiff" in res.output
+
+
+def test_find_label_files_skips_images_next_to_labels(tmp_path):
+    png(tmp_path / "001_img.png", np.zeros((4, 4), np.uint8))
+    png(tmp_path / "001_masks.png", np.zeros((4, 4), np.uint8))
+    found = find_label_files(tmp_path)
+    assert [f.path.name for f in found] == ["001_masks.png"]
+    assert pair_folders(tmp_path, tmp_path).pairs[0][0] == "001"

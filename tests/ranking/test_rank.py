@@ -1,0 +1,298 @@
+"""rank_models and ``dqtool rank``: scores against an independent computation, outputs, bad input."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from cellpose.resnet_torch import CPnet
+from click.testing import CliRunner
+from scipy import stats
+from skimage.measure import label as connected_components
+from skimage.metrics import adapted_rand_error
+
+from dqtool.ranking import rank as R
+from dqtool.ranking.consistency import rand_pixels
+from dqtool.common.errors import InputError
+from dqtool.data.io import write_labels
+from dqtool.ranking.perturb import bottleneck_dropout, perturb_image
+from dqtool_cli.main import cli
+
+
+# ---------------------------------------------------------------- a tiny stand-in for CellposeModel
+
+class TinyCellpose:
+    """Quacks like CellposeModel.eval: a small CPnet's cellprob, masks = connected components of it > 0.
+
+    The cellprob mixes the image with the network's output, so dropout at the bottleneck and input
+    perturbations both move the masks a little, as with a real model.
+    """
+
+    def __init__(self, seed):
+        torch.manual_seed(seed)
+        self.net = CPnet([2, 8, 16, 32], 3, sz=3, mkldnn=False)
+        self.net.eval()
+
+    def eval(self, x, channels, normalize, diameter, batch_size):
+        assert channels == [0, 0] and normalize == {"normalize": False}
+        data = torch.from_numpy(np.stack([x, np.zeros_like(x)])[None].astype(np.float32))
+        with torch.no_grad():
+            out = self.net(data)[0][0, 2].numpy()
+        cellprob = 8.0 * (x - 0.45) + 2.0 * out
+        return connected_components(cellprob > 0), [None, None, cellprob], None
+
+
+def blob_image(seed, size=64):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size), np.float32)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(4, 8)
+        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return np.clip(img, 0, 1)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def direct_scores(m0, c0, m1, c1):
+    """The definitions, written out: NHD, EI with numpy, Rand with scikit-image."""
+    p, q = sigmoid(c0), sigmoid(c1)
+    f, g = p > 0.5, q > 0.5
+    union = f | g
+    nhd = 1 - np.count_nonzero(f ^ g) / np.count_nonzero(union)
+    ei = np.where(f & g, np.sqrt(p * q), 0.0)[union].mean()
+    u, v = rand_pixels(m0, m1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rand = 1 - adapted_rand_error(u, v, ignore_labels=None)[0]
+    return nhd, ei, rand
+
+
+@pytest.mark.parametrize("perturbation,strength", [("dropout", 0.3), ("noise", 0.1), ("contrast", 0.5)])
+def test_score_model_matches_direct_computation(perturbation, strength):
+    model = TinyCellpose(seed=1)
+    inputs = [blob_image(s) for s in range(3)]
+    labels = [connected_components(x > 0.5) for x in inputs]
+    records, inference_time = R.score_model(model, inputs, perturbation, strength, seed=4, labels=labels)
+    assert len(records) == 3 and inference_time >= 0.0  # reported, never compared with a budget
+    for i, x in enumerate(inputs):
+        m0, (_, _, c0), _ = model.eval(x, [0, 0], {"normalize": False}, None, 8)
+        if perturbation == "dropout":
+            with bottleneck_dropout(model.net, p=strength, seed=4):
+                m1, (_, _, c1), _ = model.eval(x, [0, 0], {"normalize": False}, None, 8)
+        else:
+            noise_seed = int(np.random.SeedSequence([4, i]).generate_state(1)[0])
+            x_p = perturb_image(x, perturbation, strength, seed=noise_seed)
+            m1, (_, _, c1), _ = model.eval(x_p, [0, 0], {"normalize": False}, None, 8)
+        nhd, ei, rand = direct_scores(m0, c0, m1, c1)
+        assert records[i]["nhd"] == pytest.approx(nhd, abs=1e-9)
+        assert records[i]["effective_invariance"] == pytest.approx(ei, rel=1e-5)
+        assert records[i]["adapted_rand"] == pytest.approx(rand, abs=1e-9)
+        assert 0 < records[i]["adapted_rand"] <= 1
+        tp_model = 0 < records[i]["f1"] <= 1
+        assert tp_model
+    assert any(r["nhd"] < 1 for r in records)  # the perturbation did something
+
+
+def test_summary_uses_median_and_counts_nan():
+    recs = [{"adapted_rand": 0.9, "nhd": 0.8, "effective_invariance": math.nan},
+            {"adapted_rand": math.nan, "nhd": 0.6, "effective_invariance": math.nan},
+            {"adapted_rand": 0.5, "nhd": 0.7, "effective_invariance": 0.4}]
+    ms = R._summarise("m", recs, "nhd")
+    assert ms.adapted_rand == pytest.approx(0.7) and ms.n_adapted_rand == 2
+    assert ms.nhd == pytest.approx(0.7) and ms.n_nhd == 3 and ms.score == ms.nhd
+    assert ms.effective_invariance == pytest.approx(0.4) and ms.n_effective_invariance == 1
+
+
+def brute_force_p(x, y, fn):
+    """Two-sided p over all n! pairings: 2 min(P(T >= t), P(T <= t)), capped at 1."""
+    obs = fn(x, y)
+    perms = np.array([fn(np.array(p), y) for p in itertools.permutations(x)])
+    eps = 1e-12 * max(1.0, abs(obs))
+    return min(1.0, 2 * min(np.mean(perms >= obs - eps), np.mean(perms <= obs + eps)))
+
+
+def test_correlations_against_scipy_and_exact_permutations():
+    x = np.array([0.91, 0.72, 0.85, 0.40, 0.66])
+    y = np.array([0.80, 0.55, 0.83, 0.20, 0.61])
+    c = R.correlations(x, y, seed=0)
+    assert c["n_models"] == 5
+    assert c["pearson"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert c["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert c["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert c["spearman_p"] == pytest.approx(brute_force_p(x, y, lambda a, b: stats.spearmanr(a, b).statistic))
+    assert c["kendall_p"] == pytest.approx(brute_force_p(x, y, lambda a, b: stats.kendalltau(a, b).statistic))
+    assert c["pearson_p"] == pytest.approx(brute_force_p(x, y, lambda a, b: stats.pearsonr(a, b).statistic))
+    few = R.correlations([0.1, 0.2], [0.3, 0.4])
+    assert few["n_models"] == 2 and math.isnan(few["spearman"])
+
+
+# ---------------------------------------------------------------- model files and target folders
+
+def save_cpnet(path, nchan=2, seed=0):
+    """A randomly initialised Cellpose 3 network whose cellprob is centred on 0 (so about half the
+    pixels are foreground and the consistency scores are defined)."""
+    torch.manual_seed(seed)
+    net = CPnet([nchan, 32, 64, 128, 256], 3, sz=3, mkldnn=False).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, nchan, 64, 64))[0]
+        net.output[2].bias[2] -= out[0, 2].median()
+    torch.save(net.state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bank")
+    models = root / "models"
+    models.mkdir()
+    save_cpnet(models / "alpha.pth", seed=0)
+    (models / "beta_run" / "models").mkdir(parents=True)  # train_seg's layout, no suffix
+    save_cpnet(models / "beta_run" / "models" / "cellpose_beta", seed=1)
+    save_cpnet(models / "rgb3.pth", nchan=3, seed=2)  # other channel settings: fails, others go on
+    (models / "README.txt").write_text("not a model")
+    (models / "weights.bin").write_bytes(b"\x00" * 64)
+    torch.save({"layer.weight": torch.zeros(2)}, models / "other_net.pt")
+    images, labels = root / "images", root / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(2):
+        img = (blob_image(10 + i) * 40000).astype(np.uint16)
+        tifffile.imwrite(images / f"img{i}.tif", img)
+    write_labels(labels / "img0_label.tif", connected_components(blob_image(10) > 0.5))  # img1 unlabelled
+    return root
+
+
+def test_discover_models_finds_models_and_notes_the_rest(bank):
+    models, skipped = R.discover_models(bank / "models")
+    assert [m.name for m in models] == ["alpha.pth", "cellpose_beta", "rgb3.pth"]
+    reasons = {p.split("/")[-1]: r for p, r in skipped}
+    assert set(reasons) == {"README.txt", "weights.bin", "other_net.pt"}
+    assert "Cellpose" in reasons["other_net.pt"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(bank):
+    out = bank / "out"
+    result = CliRunner().invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"),
+                                      "--labels", str(bank / "labels"), "--score", "nhd", "--out", str(out),
+                                      "--quiet"])
+    return result, out
+
+
+def test_rank_cli_end_to_end(cli_run):
+    result, out = cli_run
+    assert result.exit_code == 0, result.output
+    assert "| rank | model |" in result.output and "2 ranked, 1 failed, 3 skipped" in result.output
+    doc = json.loads((out / "rank.json").read_text())
+    assert [p.split("/")[-1] for p in doc["models"]] == [r["model"].split("/")[-1] for r in doc["ranking"][:2]]
+    assert len(doc["failed"]) == 1 and "rgb3.pth" in doc["failed"][0]["model"]
+    assert "input channels" in doc["failed"][0]["error"]
+    assert any("labels missing for 1 of 2" in n for n in doc["notes"])
+    ranked = doc["ranking"][:2]
+    assert [r["rank"] for r in ranked] == [1, 2]
+    scores = [-1.0 if r["nhd"] is None else r["nhd"] for r in ranked]  # NaN (null) ranks last
+    assert scores == sorted(scores, reverse=True) and all(r["score"] == r["nhd"] for r in ranked)
+    assert ranked[0]["nhd"] is not None and ranked[0]["n_nhd"] == 2
+    assert all(r["n_images"] == 2 and r["n_labelled"] == 1 for r in ranked)
+    for name in ("ranking.csv", "ranking.md", "ranking.json", "per_image.csv", "validation.csv"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert len(per_image) == 4 and {r["image"] for r in per_image} == {"img0.tif", "img1.tif"}
+    assert all(0 <= r["nhd"] <= 1 for r in per_image if r["nhd"] is not None)
+    assert doc["timing"]["inference_s"] <= doc["timing"]["total_s"]
+
+
+def test_rank_cli_errors(tmp_path, bank):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["rank", str(empty), "--images", str(bank / "images")])
+    assert res.exit_code == 1 and "no Cellpose model files" in res.output
+    res = runner.invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--strength", "1.5"])
+    assert res.exit_code == 2 and "--strength" in res.output
+    res = runner.invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--perturb", "blur"])
+    assert res.exit_code == 2
+
+
+def test_rank_models_bad_input(tmp_path, bank):
+    only_junk = tmp_path / "junk"
+    only_junk.mkdir()
+    (only_junk / "a.txt").write_text("x")
+    with pytest.raises(InputError, match="no Cellpose model files.*a.txt"):
+        R.rank_models(only_junk, bank / "images")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    tifffile.imwrite(mixed / "a.tif", np.zeros((32, 32), np.uint16))
+    tifffile.imwrite(mixed / "b.tif", np.zeros((32, 40), np.uint16))
+    with pytest.raises(InputError, match="b.tif: image size"):
+        R.rank_models(bank / "models", mixed)
+    tifffile.imwrite(mixed / "b.tif", np.zeros((32, 32), np.uint8))
+    with pytest.raises(InputError, match="b.tif: pixel type"):
+        R.rank_models(bank / "models", mixed)
+    nolabels = tmp_path / "nolabels"
+    nolabels.mkdir()
+    with pytest.raises(InputError, match="no label file matches"):
+        R.rank_models(bank / "models", bank / "images", labels=nolabels)
+    with pytest.raises(InputError, match="perturbation"):
+        R.rank_models(bank / "models", bank / "images", perturbation="blur")
+    with pytest.raises(InputError, match="score"):
+        R.rank_models(bank / "models", bank / "images", score="iou")
+    with pytest.raises(FileNotFoundError):
+        R.rank_models(tmp_path / "nope", bank / "images")
+
+
+def test_find_labels_never_returns_the_image_itself(tmp_path):
+    """A Cellpose-layout folder given as both --images and --labels: 000_img.png pairs with 000_masks.png."""
+    for name in ("000_img.png", "000_masks.png", "plain.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert R.find_labels(tmp_path, tmp_path / "000_img.png").name == "000_masks.png"
+    assert R.find_labels(tmp_path, tmp_path / "plain.png") is None
+
+
+def test_find_labels_name_variants(tmp_path):
+    for name in ("a.tif", "b_label.tiff", "c_masks.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert R.find_labels(tmp_path, tmp_path / "img" / "a.png").name == "a.tif"
+    assert R.find_labels(tmp_path, tmp_path / "b.tif").name == "b_label.tiff"
+    assert R.find_labels(tmp_path, tmp_path / "c_img.png").name == "c_masks.png"
+    assert R.find_labels(tmp_path, tmp_path / "d.tif") is None
+
+
+def test_normalise_for_model_is_cellposes_normalisation():
+    from cellpose import transforms
+
+    img = (blob_image(3) * 1000 + 50).astype(np.uint16)
+    want = transforms.normalize99(img.astype(np.float32))
+    np.testing.assert_allclose(R.normalise_for_model(img), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_study_glue(tmp_path, monkeypatch):
+    """The study's wiring (data, bank folder, rankings, tables, plot) with the training step replaced
+    by random networks; the real bank is trained by ``dqtool rank-study`` (README evidence)."""
+    from dqtool.studies import rank_study as S
+
+    def fake_bank(data, out, members, **kwargs):
+        (out / "bank").mkdir(parents=True, exist_ok=True)
+        paths = [out / "bank" / f"{m.name}.pth" for m in members]
+        for seed, path in enumerate(paths):
+            save_cpnet(path, seed=seed)
+        return paths
+
+    monkeypatch.setattr(S, "build_bank", fake_bank)
+    members = (S.BankMember("fluo", 1), S.BankMember("histo", 1, 0.5))
+    summary = S.rank_study(tmp_path, members=members, perturbations=("dropout",), n_train=1, n_test=1, size=96)
+    assert {r["model"] for r in summary["rows"]} == {"fluo_r100_e001", "histo_r050_e001"}
+    assert all("dropout_rank" in r and "dropout_nhd" in r and "f1" in r for r in summary["rows"])
+    assert [c["perturbation"] for c in summary["correlations"]] == ["dropout"] * 6
+    assert {(c["consistency"], c["performance"]) for c in summary["correlations"]} == \
+        {(s, p) for s in ("adapted_rand", "nhd", "effective_invariance") for p in ("F1@0.5", "mean accuracy@0.5:0.95")}
+    for name in ("study.csv", "study.md", "study_correlations.md", "study_summary.json", "study.png",
+                 "rank_dropout/rank.json"):
+        assert (tmp_path / name).exists(), name
+    with pytest.raises(InputError, match="target"):
+        S.rank_study(tmp_path, target="mars")

@@ -1,0 +1,297 @@
+"""dqtool.training: the epoch loop against Cellpose's own train_seg, files beside the model, resume,
+seeding and the Cellpose traps (REFERENCE.md section 6)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dqtool.data.cache_build import build_cache_from_arrays
+from dqtool.common.errors import InputError
+from dqtool.segmentation.train import (TrainConfig, epoch_seed, learning_rate_schedule, prepare_patches, run_epochs, train)
+from dqtool.segmentation.model_files import sidecar_paths
+from dqtool.segmentation.model_files import build_net, load_state_dict
+
+
+def discs(n_images=2, size=128, n_cells=24, radius=(5.0, 8.0), seed=0):
+    """Bright non-overlapping discs on a noisy background, with their instance labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, labels = [], []
+    for _ in range(n_images):
+        lab = np.zeros((size, size), np.uint32)
+        img = rng.normal(20, 5, (size, size))
+        k = 0
+        for _ in range(n_cells * 6):
+            r = rng.uniform(*radius)
+            cy, cx = rng.uniform(r, size - r, 2)
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            if lab[m].any():
+                continue
+            k += 1
+            lab[m] = k
+            img[m] += rng.uniform(120, 200)
+            if k == n_cells:
+                break
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        labels.append(lab)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    images, labels = discs()
+    path = tmp_path_factory.mktemp("cache") / "discs.h5"
+    return build_cache_from_arrays(path, images, labels, ["a", "b"], domain="discs", size=64, stride=64)
+
+
+TINY = dict(bsize=32, batch_size=4, min_train_masks=1, save_every=2)
+
+
+class _FakeNet(torch.nn.Module):
+    """The parts of CPnet that train_seg touches, around one 1x1 convolution (fast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 1)
+        self.device = torch.device("cpu")
+        self.diam_mean = torch.nn.Parameter(torch.tensor([30.0]), requires_grad=False)
+        self.diam_labels = torch.nn.Parameter(torch.tensor([30.0]), requires_grad=False)
+
+    def forward(self, x):
+        return (self.conv(x),)
+
+    def save_model(self, filename):
+        torch.save(self.state_dict(), filename)
+
+
+def _cellpose_train_seg(net, images, labels, config, save_path):
+    from cellpose.train import train_seg
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        return train_seg(net, train_data=[im for im in images], train_labels=[lb.copy() for lb in labels],
+                         channels=[0, 0], normalize=True, SGD=config.sgd, learning_rate=config.learning_rate,
+                         weight_decay=config.weight_decay, momentum=config.momentum, n_epochs=config.n_epochs,
+                         bsize=config.bsize, batch_size=config.batch_size, save_path=str(save_path),
+                         model_name="reference", min_train_masks=config.min_train_masks,
+                         save_every=10 ** 6)
+
+
+def _ours(net, images, labels, config):
+    data, flows, keep, _ = prepare_patches(images[..., None], labels, config.channels, config.min_train_masks)
+    np_state = np.random.get_state()
+    with torch.backends.mkldnn.flags(enabled=False):
+        losses, _, _ = run_epochs(net, data, flows, config)
+    np.random.set_state(np_state)
+    return losses
+
+
+@pytest.mark.parametrize("n_epochs", [4, 150, 330])
+def test_learning_rate_schedule_is_train_segs(n_epochs, tmp_path, monkeypatch):
+    """The learning rates both loops set per epoch (recorded at every optimiser step) match the formula."""
+    seen: list[float] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, *args, **kwargs):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    images, labels = discs(n_images=1, size=32, n_cells=6, radius=(3, 5))
+    config = TrainConfig(n_epochs=n_epochs, bsize=32, batch_size=8, min_train_masks=1)
+    torch.manual_seed(0)
+    ref_net = _FakeNet()
+    our_net = copy.deepcopy(ref_net)
+    _, ref_losses, _ = _cellpose_train_seg(ref_net, images, labels, config, tmp_path)
+    ref_lr, seen[:] = list(seen), []
+    our_losses = _ours(our_net, np.stack(images), np.stack(labels), config)
+    assert seen == ref_lr
+    np.testing.assert_allclose(seen, learning_rate_schedule(0.1, n_epochs), rtol=0, atol=0)
+    assert len(seen) == n_epochs and seen[0] == 0.0
+    if n_epochs > 100:
+        assert seen[9] == pytest.approx(0.1)
+        assert seen[-1] == pytest.approx(0.1 / 2 ** 10)
+    np.testing.assert_array_equal(our_losses, ref_losses)
+    for k, v in ref_net.state_dict().items():
+        assert torch.equal(v, our_net.state_dict()[k]), k
+
+
+def test_loop_gives_train_segs_weights_on_cellpose_net(tmp_path):
+    """Same data, seed 0, real Cellpose network: our loop and train_seg end with identical weights."""
+    images, labels = discs(n_images=2, size=64, n_cells=8)
+    config = TrainConfig(n_epochs=3, **{**TINY, "save_every": 50})
+    torch.manual_seed(0)
+    ref_net = build_net(None)
+    our_net = copy.deepcopy(ref_net)
+    _, ref_losses, _ = _cellpose_train_seg(ref_net, images, labels, config, tmp_path)
+    our_losses = _ours(our_net, np.stack(images), np.stack(labels), config)
+    np.testing.assert_array_equal(our_losses, ref_losses)
+    assert not np.allclose(ref_losses, 0)
+    ours = our_net.state_dict()
+    changed = 0
+    for k, v in ref_net.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+    init = build_net(None).state_dict()  # a fresh net: the training did move the weights
+    changed = sum(not torch.equal(init[k], ours[k]) for k in ours)
+    assert changed > 10
+
+
+def test_epoch_seed():
+    assert [epoch_seed(0, e) for e in range(4)] == [0, 1, 2, 3]
+    assert epoch_seed(1, 0) != epoch_seed(2, 0) != epoch_seed(1, 1)
+
+
+def test_train_from_cache_writes_a_cellpose_model_and_its_record(cache, tmp_path):
+    out = tmp_path / "run" / "model"
+    state = np.random.get_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cache, out, config=TrainConfig(n_epochs=4, **{**TINY, "min_train_masks": 3}), quiet=True)
+    # the caller's global numpy RNG is untouched
+    assert np.array_equal(np.random.get_state()[1], state[1])
+    messages = [str(w.message) for w in caught]
+    assert any("warms up" in m for m in messages)
+    assert result.complete and out.exists()
+    paths = sidecar_paths(out)
+    record = json.loads(paths["json"].read_text())
+    assert record["config"]["learning_rate"] == 0.1 and record["config"]["sgd"] is True
+    assert record["config"]["channels"] == [0, 0] and record["config"]["n_epochs"] == 4
+    assert record["provenance"]["cache_hash"] and record["provenance"]["n_in_cache"] == 8
+    assert len(record["train_losses"]) == 4 and all(np.isfinite(record["train_losses"]))
+    assert record["learning_rates"] == pytest.approx(list(learning_rate_schedule(0.1, 4)))
+    # patches with fewer than 3 masks were dropped and counted
+    from dqtool.data.cache import PatchCache
+
+    with PatchCache(cache) as c:
+        n_masks = np.array([np.unique(lb[lb > 0]).size for lb in c.labels(range(len(c)))])
+    assert record["n_dropped"] == int((n_masks < 3).sum()) == len(record["dropped_positions"])
+    assert record["n_patches"] == int((n_masks >= 3).sum())
+    if record["n_dropped"]:
+        assert any("dropped" in m for m in messages)
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0] == "epoch,learning_rate,train_loss" and len(rows) == 5
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (paths["checkpoints"] / "epoch_0002").exists()
+    # the model loads in Cellpose itself, with the training diameter
+    from cellpose.models import CellposeModel
+
+    model = CellposeModel(gpu=False, pretrained_model=str(out))
+    assert model.diam_labels == pytest.approx(result.diam_labels)
+    # a second call with the same config reuses the finished model
+    again = train(cache, out, config=TrainConfig(n_epochs=4, **{**TINY, "min_train_masks": 3}), quiet=True)
+    assert again.train_losses == result.train_losses
+
+
+def test_resume_continues_to_the_same_weights(cache, tmp_path):
+    config = TrainConfig(n_epochs=5, **TINY)
+    full = train(cache, tmp_path / "full", config=config, quiet=True)
+    killed = train(cache, tmp_path / "killed", config=config, stop_after=3, quiet=True)
+    assert not killed.complete and not (tmp_path / "killed").exists()
+    with pytest.raises(InputError, match="--resume"):
+        train(cache, tmp_path / "killed", config=config, quiet=True)
+    resumed = train(cache, tmp_path / "killed", config=config, resume=True, quiet=True)
+    assert resumed.resumed_from == 2  # the last checkpoint (every 2 epochs) before the kill at 3
+    np.testing.assert_array_equal(resumed.train_losses, full.train_losses)
+    a, b = load_state_dict(tmp_path / "full"), load_state_dict(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # same seed -> same bytes; another seed -> other weights
+    other = train(cache, tmp_path / "seed1", config=TrainConfig(n_epochs=5, **{**TINY, "seed": 1}), quiet=True)
+    assert other.train_losses != full.train_losses
+
+
+def test_engine_train_seg_calls_cellpose_and_gives_the_same_model(cache, tmp_path, monkeypatch):
+    """--engine train_seg runs cellpose.train.train_seg itself; for seed 0 its model equals our loop's, bit for bit."""
+    import cellpose.train
+
+    calls = []
+    real = cellpose.train.train_seg
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cellpose.train, "train_seg", spy)
+    ours = train(cache, tmp_path / "ours", config=TrainConfig(n_epochs=5, **TINY), quiet=True)
+    assert not calls
+    theirs = train(cache, tmp_path / "theirs", config=TrainConfig(n_epochs=5, engine="train_seg", **TINY), quiet=True)
+    assert len(calls) == 1 and calls[0]["n_epochs"] == 5 and calls[0]["min_train_masks"] == TINY["min_train_masks"]
+    np.testing.assert_array_equal(theirs.train_losses, ours.train_losses)
+    assert theirs.n_patches == ours.n_patches and theirs.diam_labels == ours.diam_labels
+    a, b = load_state_dict(tmp_path / "ours"), load_state_dict(tmp_path / "theirs")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # train_seg's saves land as our checkpoints (epochs done), nothing is left in a temporary folder
+    assert sorted(p.name for p in sidecar_paths(tmp_path / "theirs")["checkpoints"].iterdir()) == \
+        ["epoch_0003"]
+    assert not list(tmp_path.glob(".theirs.train_seg.*"))
+    record = json.loads(sidecar_paths(tmp_path / "theirs")["json"].read_text())
+    assert record["complete"] and record["config"]["engine"] == "train_seg"
+    assert "engine" not in json.loads(sidecar_paths(tmp_path / "ours")["json"].read_text())["config"]
+    with pytest.raises(InputError, match="engine"):
+        TrainConfig(engine="torch")
+
+
+def test_output_with_a_different_config_is_refused(cache, tmp_path):
+    out = tmp_path / "m"
+    train(cache, out, config=TrainConfig(n_epochs=2, **TINY), quiet=True)
+    with pytest.raises(InputError, match="different config"):
+        train(cache, out, config=TrainConfig(n_epochs=3, **TINY), quiet=True)
+
+
+def test_bad_inputs(cache, tmp_path, monkeypatch):
+    import cellpose.models
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("cellpose tried to fetch a builtin model")
+
+    monkeypatch.setattr(cellpose.models, "model_path", no_download)
+    config = TrainConfig(n_epochs=2, **TINY)
+    with pytest.raises(InputError, match="model not found"):
+        train(cache, tmp_path / "a", init=tmp_path / "missing", config=config, quiet=True)
+    with pytest.raises(InputError, match="model not found"):
+        train(cache, tmp_path / "a", init="cyto3", config=config, quiet=True)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a Cellpose model"):
+        train(cache, tmp_path / "a", init=junk, config=config, quiet=True)
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    with pytest.raises(InputError, match="not a Cellpose 3 model"):
+        train(cache, tmp_path / "a", init=other, config=config, quiet=True)
+    with pytest.raises(InputError, match="grayscale"):
+        train(cache, tmp_path / "a", config=TrainConfig(n_epochs=2, channels=(2, 3), **TINY), quiet=True)
+    bad_subset = tmp_path / "subset.json"
+    bad_subset.write_text(json.dumps({"indices": [0, 1, 99]}))
+    with pytest.raises(InputError, match="outside"):
+        train(cache, tmp_path / "a", subset=bad_subset, config=config, quiet=True)
+    empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.full((64, 64), 9, np.uint8)],
+                                    [np.zeros((64, 64), np.uint32)], ["e"], size=64, stride=64)
+    with pytest.raises(InputError, match="no masks"):
+        train(empty, tmp_path / "a", config=config, quiet=True)
+    with pytest.raises(InputError, match="min_train_masks"):
+        train(cache, tmp_path / "a", config=TrainConfig(n_epochs=2, **{**TINY, "min_train_masks": 999}),
+              quiet=True)
+    with pytest.raises(InputError, match="bsize"):
+        TrainConfig(bsize=100)
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_train_and_errors(cache, tmp_path):
+    from dqtool_cli.main import cli
+
+    runner = CliRunner()
+    out = tmp_path / "cli_model"
+    res = runner.invoke(cli, ["train", str(cache), "--out", str(out), "--epochs", "2", "--bsize", "32",
+                              "--batch-size", "4", "--min-train-masks", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and sidecar_paths(out)["json"].exists()
+    res = runner.invoke(cli, ["train", str(cache), "--out", str(tmp_path / "x"), "--init",
+                              str(tmp_path / "nope"), "--quiet"])
+    assert res.exit_code == 1 and "model not found" in res.output
+    res = runner.invoke(cli, ["train", str(cache), "--out", str(tmp_path / "x"), "--channels", "5,0"])
+    assert res.exit_code == 2

@@ -1,0 +1,209 @@
+"""dqtool.transfer: finetune / replay / sequence stages, evaluation, forgetting matrix, nothing lost on failure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dqtool.data.cache_build import build_cache_from_arrays
+from dqtool.common.errors import InputError
+from dqtool.data.io import write_image_png
+from dqtool.segmentation.train import TrainConfig
+from dqtool.segmentation.model_files import build_net
+from dqtool.segmentation.transfer import Stage, finetune, forgetting_matrix, replay, sequence
+from test_training import discs
+
+CONFIG = TrainConfig(n_epochs=2, bsize=32, batch_size=4, min_train_masks=1, save_every=50)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two tiny domains (caches + Cellpose-layout test folders) and a seeded random Cellpose model."""
+    root = tmp_path_factory.mktemp("world")
+    out = {}
+    for k, (name, radius) in enumerate([("small", (4.0, 6.0)), ("large", (7.0, 10.0))]):
+        images, labels = discs(n_images=1, size=128, n_cells=16, radius=radius, seed=10 + k)
+        out[name] = build_cache_from_arrays(root / f"{name}.h5", images, labels, ["train"], domain=name,
+                                            size=64, stride=64)
+        test = root / name / "test"
+        test.mkdir(parents=True)
+        t_img, t_lab = discs(n_images=2, size=64, n_cells=5, radius=radius, seed=20 + k)
+        for i, (im, lb) in enumerate(zip(t_img, t_lab)):
+            write_image_png(test / f"{i:03d}_img.png", im)
+            write_image_png(test / f"{i:03d}_masks.png", lb.astype(np.uint16))
+        out[f"{name}_test"] = root / name
+    torch.manual_seed(0)
+    net = build_net(None)
+    out["model"] = root / "init_model"
+    net.save_model(str(out["model"]))
+    return out
+
+
+def test_forgetting_matrix_change_is_against_the_best_earlier_stage():
+    scores = [{"A": {"f1": 0.8}, "B": {"f1": 0.1}}, {"A": {"f1": 0.5}, "B": {"f1": 0.7}},
+              {"A": {"f1": 0.6}, "B": {"f1": 0.9}}]
+    stages = [Stage(name=f"s{i}", model=None, scores=s) for i, s in enumerate(scores)]
+    rows = forgetting_matrix(stages, metrics=("f1",))
+    values = np.array([[s["A"]["f1"], s["B"]["f1"]] for s in scores])
+    for k in range(1, 3):
+        expected = values[k] - values[:k].max(axis=0)
+        assert rows[k]["A f1 change"] == pytest.approx(expected[0])
+        assert rows[k]["B f1 change"] == pytest.approx(expected[1])
+    assert math.isnan(rows[0]["A f1 change"])
+    assert rows[2]["A f1 change"] == pytest.approx(-0.2)  # forgetting of A against stage 0
+
+
+def _stardist_mean_f1(model, test_dir):
+    """Independent reference: Cellpose's own eval + stardist's matching, mean F1@0.5 over test images."""
+    from cellpose.models import CellposeModel
+    from stardist.matching import matching
+
+    from dqtool.data.datasets import open_dataset
+
+    cp = CellposeModel(gpu=False, pretrained_model=str(model))
+    f1 = [matching(s.labels, cp.eval(s.image, channels=[0, 0])[0], thresh=0.5).f1
+          for s in open_dataset(test_dir, split="test")]
+    return float(np.mean(f1))
+
+
+def test_finetune_evaluates_every_stage(world, tmp_path):
+    evals = {"small": str(world["small_test"]), "large": str(world["large_test"])}
+    out = tmp_path / "ft"
+    result = finetune(world["model"], world["large"], out, evals=evals, config=CONFIG, quiet=True)
+    assert [s.name for s in result.stages] == ["init", "finetune"]
+    assert (out / "models" / "01_finetune").exists()
+    assert [r["stage"] for r in result.matrix] == ["init", "finetune"]
+    for ext in ("csv", "md", "json", "png"):
+        assert (out / f"forgetting.{ext}").exists()
+    header = (out / "forgetting.csv").read_text().splitlines()[0].split(",")
+    assert "small f1@0.50" in header and "large iou change" in header
+    for stage in result.stages:
+        assert stage.scores["small"]["f1@0.50"] == pytest.approx(_stardist_mean_f1(stage.model, world["small_test"]))
+    # same command again: nothing retrained, evaluations reused
+    mtime = (out / "models" / "01_finetune").stat().st_mtime_ns
+    again = finetune(world["model"], world["large"], out, evals=evals, config=CONFIG, quiet=True)
+    assert (out / "models" / "01_finetune").stat().st_mtime_ns == mtime
+    assert again.matrix == result.matrix or json.dumps(again.matrix) == json.dumps(result.matrix)
+    with pytest.raises(InputError, match="different config"):
+        finetune(world["model"], world["large"], out, evals=evals, config=TrainConfig(n_epochs=3, bsize=32),
+                 quiet=True)
+
+
+def test_replay_mixes_a_source_subset_into_the_target(world, tmp_path):
+    from dqtool.data.cache import PatchCache
+    from dqtool.selection.quantize import subset_total
+
+    out = tmp_path / "rp"
+    result = replay(world["model"], world["small"], world["large"], out, source_rate=0.5, source_method="random",
+                    config=CONFIG, quiet=True)
+    subset = json.loads((out / "source_subset.json").read_text())
+    with PatchCache(world["small"]) as c:
+        n_src = len(c)
+    with PatchCache(world["large"]) as c:
+        n_tgt = len(c)
+    assert subset["n_selected"] == len(subset["indices"]) == subset_total(n_src, 0.5)
+    assert len(set(subset["indices"])) == len(subset["indices"])
+    record = json.loads((out / "models" / "01_replay_random_0.5.json").read_text())
+    assert record["provenance"]["source"]["n_selected"] == subset["n_selected"]
+    assert record["provenance"]["target"]["n_selected"] == n_tgt
+    assert record["n_patches"] + record["n_dropped"] == subset["n_selected"] + n_tgt
+    assert result.forgetting is None  # no --eval: no matrix
+    with pytest.raises(InputError, match="different config"):
+        replay(world["model"], world["small"], world["large"], out, source_rate=0.25, source_method="random",
+               config=CONFIG, quiet=True)
+
+
+def test_dq_replay_subset_uses_the_features_in_the_cache_and_keeps_them(tmp_path):
+    """A DQ replay selects on the features already stored (e.g. a study's or `dqtool embed`'s) and never
+    re-embeds over them (it once replaced a study's 2-epoch MAE features with 15-epoch ones)."""
+    from dqtool.features.embed import embed_cache, load_features
+    from dqtool.selection.quantize import features_hash
+    from dqtool.segmentation.transfer import source_subset
+
+    images, labels = discs(n_images=3, size=128, n_cells=16, seed=3)
+    src = build_cache_from_arrays(tmp_path / "src.h5", images, labels, ["a", "b", "c"], size=64, stride=64)
+    feats = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    np.save(tmp_path / "feats.npy", feats)
+    embed_cache(src, features_file=tmp_path / "feats.npy")
+    subset = source_subset(src, 0.5, "dq", 0, tmp_path)
+    np.testing.assert_array_equal(load_features(src), feats)
+    assert subset["features_hash"] == features_hash(feats) and subset["n_selected"] == 6
+
+
+def test_sequence_keeps_finished_stages_when_a_later_one_fails(world, tmp_path):
+    empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.full((64, 64), 7, np.uint8)],
+                                    [np.zeros((64, 64), np.uint32)], ["e"], size=64, stride=64)
+    evals = {"small": str(world["small_test"])}
+    out = tmp_path / "seq"
+    with pytest.raises(InputError, match="no masks"):
+        sequence([world["small"], empty], out, evals=evals, config=CONFIG, quiet=True)
+    assert (out / "models" / "00_small").exists()
+    rows = json.loads((out / "forgetting.json").read_text())
+    assert [r["stage"] for r in rows] == ["small"]
+
+
+def test_cli_sequence_and_finetune(world, tmp_path):
+    from dqtool_cli.main import cli
+
+    common = ["--epochs", "2", "--bsize", "32", "--batch-size", "4", "--min-train-masks", "1", "--quiet"]
+    res = CliRunner().invoke(cli, ["sequence", str(world["small"]), str(world["large"]), "--out",
+                                   str(tmp_path / "s"), "--eval", f"large={world['large_test']}", *common])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "s" / "forgetting.json").read_text())
+    assert [r["stage"] for r in rows] == ["small", "large"]
+    assert (tmp_path / "s" / "models" / "01_large").exists()
+    res = CliRunner().invoke(cli, ["finetune", str(world["large"]), "--init", str(tmp_path / "missing"),
+                                   "--out", str(tmp_path / "f"), *common])
+    assert res.exit_code == 1 and "model not found" in res.output
+    res = CliRunner().invoke(cli, ["finetune", str(world["large"]), "--init", str(world["model"]), "--out",
+                                   str(tmp_path / "f"), "--eval", "nodir", *common])
+    assert res.exit_code == 2
+
+
+def test_experiment_runs_a_micro_study(world, tmp_path):
+    """The whole chain on two tiny domains (random selection, so no feature training)."""
+
+    config = {"domains": {"small": {"train": str(world["small_test"] / "test"), "test": str(world["small_test"])},
+                          "large": {"train": str(world["large_test"] / "test"), "test": str(world["large_test"])}},
+              "patch": {"size": 64, "stride": 64}, "source": "small", "targets": ["large"], "rates": [0.5],
+              "methods": ["random"], "replay_rates": [0.5], "replay_method": "random",
+              "sequences": [["small", "large"]],
+              "train": {"n_epochs": 2, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}}
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps(config))
+    from dqtool_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(tmp_path / "study"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "study"
+    red = json.loads((out / "tables" / "redundancy.json").read_text())
+    assert [(r["method"], r["rate"]) for r in red] == [("all", 1.0), ("random", 0.5)]
+    assert red[1]["patches"] == red[0]["patches"] // 2
+    transfer = json.loads((out / "tables" / "transfer.json").read_text())
+    assert [r["model"] for r in transfer] == ["source model", "naive finetune", "replay random 0.5"]
+    assert "small f1@0.50" in transfer[0]
+    seq = json.loads((out / "tables" / "sequences.json").read_text())
+    assert [r["after"] for r in seq] == ["small", "large"]
+    assert (out / "fig1_rate_curve.png").exists() and "Zero-shot" in (out / "report.md").read_text()
+    # the zero-shot row of the source equals the all-patches redundancy row (same model, same test set)
+    zero = json.loads((out / "tables" / "zero_shot.json").read_text())
+    assert zero[0]["f1@0.50"] == red[0]["f1@0.50"]
+    config["rates"] = [0.25]
+    cfg.write_text(json.dumps(config))
+    res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(out), "--quiet"])
+    assert res.exit_code == 1 and "different config" in res.output
+
+
+@pytest.mark.slow
+def test_quick_study(tmp_path):
+    """The built-in quick study (27 min on 2 idle CPU cores): every table is filled."""
+    from dqtool.studies.experiment import run_experiment
+
+    tables = run_experiment(None, tmp_path / "quick", quick=True, quiet=True)
+    assert len(tables["redundancy"]) == 5 and len(tables["transfer"]) == 6 and len(tables["sequences"]) == 3
+    assert all(np.isfinite(r["f1@0.50"]) for r in tables["redundancy"])
