@@ -24,7 +24,7 @@ missing) in a small thread pool (both release the GIL; HDF5's filter pipeline ru
 layouts (lzf, shuffle, a chunk stored unfiltered) go through h5py. Both give the same bytes. The label
 dtype change kept ``schema_version`` 1: every reader casts to uint32, so old and new files read alike.
 
-Crash safety: a cache is written to ``CACHE.h5.tmp-<pid>`` and renamed onto ``CACHE.h5`` only when
+Crash safety: a cache is written to ``.CACHE.h5.tmp-<pid>`` (:mod:`dqtool.data.cache_build`) and renamed onto ``CACHE.h5`` only when
 complete (attribute ``complete`` = 1 set last), so a killed run never leaves a file that reads as a
 complete cache, and an older cache at that path survives until the new one is whole. Derived groups are
 written with a completion flag set last; a group without it reads back as missing.

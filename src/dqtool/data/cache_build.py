@@ -1,6 +1,6 @@
 """Writing a patch cache: cut a dataset into windows, normalise, and write the HDF5 file crash-safely.
 
-The schema and the reading side are in :mod:`dqtool.data.cache`. A cache is written to ``CACHE.h5.tmp-<pid>``
+The schema and the reading side are in :mod:`dqtool.data.cache`. A cache is written to ``.CACHE.h5.tmp-<pid>``
 and renamed onto ``CACHE.h5`` only when complete (attribute ``complete`` = 1 set last); an existing cache whose
 content hash (inputs + options) matches is reused.
 """
@@ -19,6 +19,7 @@ import numpy as np
 
 from dqtool import __version__
 from dqtool.common.errors import InputError
+from dqtool.common.files import atomic_write
 from dqtool.common.progress import bar
 from dqtool.data.cache import (CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS, SCHEMA_VERSION, _STR, PatchCache, label_dtype)
 from dqtool.data.datasets import ArraySample, Dataset, Sample, open_dataset
@@ -170,13 +171,8 @@ def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, o
                                summ["n_patches"], summ["patches_per_domain"])
     elif out.exists():
         reason = "--force"
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(out) as tmp:
         per_domain = _write(samples, tmp, options, digest, chash, quiet)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     action = "built" if reason == "new cache" else "rebuilt"
     return BuildReport(out, action, reason, sum(per_domain.values()), per_domain)
 

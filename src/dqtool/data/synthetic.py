@@ -18,7 +18,6 @@ that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from scipy import ndimage as ndi
 
 from dqtool import __version__
 from dqtool.data.io import write_image_png
+from dqtool.common.files import file_sha256
 from dqtool.common.progress import bar
 
 DOMAINS = ("fluo", "histo", "multi")
@@ -163,10 +163,6 @@ def render_multi(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 RENDERERS = {"fluo": render_fluo, "histo": render_histo, "multi": render_multi}
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _manifest_matches(out: Path, config: SynthConfig) -> bool:
     manifest = out / "MANIFEST.json"
     if not manifest.exists():
@@ -178,7 +174,7 @@ def _manifest_matches(out: Path, config: SynthConfig) -> bool:
     want = {**asdict(config), "domains": list(config.domains)}
     if data.get("config") != want or data.get("generator_version") != GENERATOR_VERSION:
         return False
-    return all((out / rel).exists() and _sha(out / rel) == digest for rel, digest in data["files"].items())
+    return all((out / rel).exists() and file_sha256(out / rel) == digest for rel, digest in data["files"].items())
 
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 12, n_test: int = 6, size: int = 336,
@@ -207,7 +203,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 12, n_tes
                 for kind, arr in (("img", img), ("masks", labels)):
                     path = folder / f"{i:03d}_{kind}.png"
                     write_image_png(path, arr)
-                    files[str(path.relative_to(tmp))] = _sha(path)
+                    files[str(path.relative_to(tmp))] = file_sha256(path)
                 progress.update(1)
     progress.close()
     manifest = {"generator": "dqtool.synthetic", "generator_version": GENERATOR_VERSION,

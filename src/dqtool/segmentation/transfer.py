@@ -32,7 +32,7 @@ import numpy as np
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.errors import InputError
 from dqtool.common.tables import format_markdown, write_json, write_table
-from dqtool.common.files import file_sha256
+from dqtool.common.files import atomic_write_text, file_sha256
 from dqtool.segmentation.model_files import check_model_path, load_state_dict
 from dqtool.segmentation.train import TrainConfig, TrainResult, check_channels, load_patches, train_patches
 
@@ -151,8 +151,8 @@ def _markdown(rows: list[dict]) -> str:
 def write_forgetting(rows: list[dict], out_dir: Path, title: str = "forgetting matrix") -> dict:
     """forgetting.csv/.md/.json and forgetting.png (a heatmap of the values, changes annotated)."""
     paths = write_table(rows, out_dir / "forgetting")
-    paths["md"].write_text(f"# {title}\n\nValues are means over test images; in parentheses the change "
-                           "against the best earlier stage (negative = forgetting).\n\n" + _markdown(rows))
+    atomic_write_text(paths["md"], f"# {title}\n\nValues are means over test images; in parentheses the change "
+                      "against the best earlier stage (negative = forgetting).\n\n" + _markdown(rows))
     paths["png"] = plot_forgetting(rows, out_dir / "forgetting.png", title)
     return paths
 
