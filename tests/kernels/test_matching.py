@@ -7,19 +7,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dqtool_kernels import matching as m
+from factories import touching_cells
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0)
-
-
-def touching_cells(shape, n, seed):
-    """Voronoi-like touching instances from ``n`` random seeds (nearest-seed labelling)."""
-    rng = np.random.default_rng(seed)
-    pts = rng.uniform(0, 1, size=(n, 2)) * np.array(shape)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    d = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
-    lab = (np.argmin(d, axis=-1) + 1).astype(np.uint32)
-    lab[rng.uniform(size=shape) < 0.05] = 0  # some background
-    return lab
 
 
 def assert_same_overlap(a: m.Overlap, b: m.Overlap):

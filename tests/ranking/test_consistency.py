@@ -7,20 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.metrics import adapted_rand_error
-from skimage.segmentation import expand_labels, find_boundaries
+from skimage.segmentation import find_boundaries
 
 from dqtool.ranking import consistency as C
 from dqtool.data.io import read_labels
 from dqtool_kernels import consistency as K
-
-
-def blobs(shape, n, seed, hole=0.05, radius=4):
-    """Random instance map: n seeds grown by ``radius`` px, with a few background holes."""
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.int32)
-    idx = rng.choice(lab.size, n, replace=False)
-    lab.flat[idx] = np.arange(1, n + 1)
-    return (expand_labels(lab, radius) * (rng.random(shape) > hole)).astype(np.int32)
+from factories import grown_seeds
 
 
 def skimage_rand(u, v):
@@ -108,15 +100,15 @@ def test_semantic_rejects_bad_input():
 # ---------------------------------------------------------------- adapted Rand
 
 def test_boundary_band_matches_skimage_find_boundaries():
-    u = blobs((40, 50), 15, seed=4)
+    u = grown_seeds((40, 50), 15, seed=4)
     want = find_boundaries(u, connectivity=1, mode="inner")
     np.testing.assert_array_equal(K.boundary_band_reference(u), want)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rand_paths_match_reference_and_skimage(seed):
-    u = blobs((48, 64), 20, seed=seed)
-    v = blobs((48, 64), 16, seed=seed + 10)
+    u = grown_seeds((48, 64), 20, seed=seed)
+    v = grown_seeds((48, 64), 16, seed=seed + 10)
     want = K.rand_pair_counts_reference(u, v)
     assert K.rand_pair_counts(u, v, device="cpu") == want
     assert K.rand_pair_counts_triton(u, v, block=1024) == want
@@ -140,8 +132,8 @@ def test_rand_numba_hash_grows_and_sparse_ids():
 def test_rand_numba_bands_of_rows_merge_exactly(threads):
     # instances span the band borders (rows of a band read the rows above and below it); more bands
     # than rows clamps to one band per row
-    u = blobs((150, 90), 40, seed=11)
-    v = np.roll(blobs((150, 90), 35, seed=12), 3, axis=0)
+    u = grown_seeds((150, 90), 40, seed=11)
+    v = np.roll(grown_seeds((150, 90), 35, seed=12), 3, axis=0)
     want = K.rand_pair_counts_reference(u, v)
     assert K.rand_pair_counts_numba(u, v, threads=threads) == want
     assert K.rand_pair_counts_numba(u[:1], v[:1], threads=threads) == K.rand_pair_counts_reference(u[:1], v[:1])
@@ -150,7 +142,7 @@ def test_rand_numba_bands_of_rows_merge_exactly(threads):
 
 
 def test_rand_triton_on_label_dtypes_and_singletons():
-    u = blobs((30, 34), 8, seed=6).astype(np.uint16)
+    u = grown_seeds((30, 34), 8, seed=6).astype(np.uint16)
     v = np.zeros_like(u)
     v[5:20, 5:25] = 3  # one big perturbed blob, most of R is background in one map or the other
     assert K.rand_pair_counts_triton(u, v) == K.rand_pair_counts_reference(u, v)
@@ -158,7 +150,7 @@ def test_rand_triton_on_label_dtypes_and_singletons():
 
 
 def test_rand_identical_maps_score_one_and_empty_is_nan():
-    u = blobs((32, 32), 6, seed=7)
+    u = grown_seeds((32, 32), 6, seed=7)
     assert C.adapted_rand(u, u) == pytest.approx(1.0)
     empty = np.zeros((16, 16), np.int32)
     assert math.isnan(C.adapted_rand(empty, empty))
@@ -193,8 +185,8 @@ def test_rand_on_real_labels_matches_skimage(real_data):
 
 
 def test_adapted_rand_batch():
-    us = [blobs((24, 24), 5, seed=s) for s in range(3)]
-    vs = [blobs((24, 24), 5, seed=s + 20) for s in range(3)]
+    us = [grown_seeds((24, 24), 5, seed=s) for s in range(3)]
+    vs = [grown_seeds((24, 24), 5, seed=s + 20) for s in range(3)]
     got = C.adapted_rand_batch(us, vs)
     np.testing.assert_allclose(got, [skimage_rand(u, v) for u, v in zip(us, vs)], atol=1e-9)
 
@@ -202,8 +194,8 @@ def test_adapted_rand_batch():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(1, 12))
 def test_rand_property_matches_skimage(seed, n_u, n_v):
-    u = blobs((20, 24), n_u, seed=seed, radius=3)
-    v = blobs((20, 24), n_v, seed=seed + 1, radius=3)
+    u = grown_seeds((20, 24), n_u, seed=seed, radius=3)
+    v = grown_seeds((20, 24), n_v, seed=seed + 1, radius=3)
     got = C.adapted_rand(u, v)
     want = skimage_rand(u, v)
     if math.isnan(want):
@@ -227,8 +219,8 @@ def test_semantic_consistency_torch_input_on_the_triton_path():
 
 
 def test_rand_uint64_and_uint32_labels():
-    u = blobs((24, 28), 6, seed=9)
-    v = blobs((24, 28), 5, seed=19)
+    u = grown_seeds((24, 28), 6, seed=9)
+    v = grown_seeds((24, 28), 5, seed=19)
     want = K.rand_pair_counts_reference(u, v)
     for dtype in (np.uint16, np.uint32, np.uint64, np.int64):
         assert K.rand_pair_counts_numba(u.astype(dtype), v.astype(dtype)) == want

@@ -14,39 +14,15 @@ from click.testing import CliRunner
 
 from dqtool.data.cache_build import build_cache_from_arrays
 from dqtool.common.errors import InputError
+from factories import disc_images
 from dqtool.segmentation.train import (TrainConfig, epoch_seed, learning_rate_schedule, prepare_patches, run_epochs, train)
 from dqtool.segmentation.model_files import sidecar_paths
 from dqtool.segmentation.model_files import build_net, load_state_dict
 
 
-def discs(n_images=2, size=128, n_cells=24, radius=(5.0, 8.0), seed=0):
-    """Bright non-overlapping discs on a noisy background, with their instance labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, labels = [], []
-    for _ in range(n_images):
-        lab = np.zeros((size, size), np.uint32)
-        img = rng.normal(20, 5, (size, size))
-        k = 0
-        for _ in range(n_cells * 6):
-            r = rng.uniform(*radius)
-            cy, cx = rng.uniform(r, size - r, 2)
-            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            if lab[m].any():
-                continue
-            k += 1
-            lab[m] = k
-            img[m] += rng.uniform(120, 200)
-            if k == n_cells:
-                break
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
-        labels.append(lab)
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    images, labels = discs()
+    images, labels = disc_images()
     path = tmp_path_factory.mktemp("cache") / "discs.h5"
     return build_cache_from_arrays(path, images, labels, ["a", "b"], domain="discs", size=64, stride=64)
 
@@ -103,7 +79,7 @@ def test_learning_rate_schedule_is_train_segs(n_epochs, tmp_path, monkeypatch):
             return super().step(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "SGD", Recording)
-    images, labels = discs(n_images=1, size=32, n_cells=6, radius=(3, 5))
+    images, labels = disc_images(n_images=1, size=32, n_cells=6, radius=(3, 5))
     config = TrainConfig(n_epochs=n_epochs, bsize=32, batch_size=8, min_train_masks=1)
     torch.manual_seed(0)
     ref_net = _FakeNet()
@@ -124,7 +100,7 @@ def test_learning_rate_schedule_is_train_segs(n_epochs, tmp_path, monkeypatch):
 
 def test_loop_gives_train_segs_weights_on_cellpose_net(tmp_path):
     """Same data, seed 0, real Cellpose network: our loop and train_seg end with identical weights."""
-    images, labels = discs(n_images=2, size=64, n_cells=8)
+    images, labels = disc_images(n_images=2, size=64, n_cells=8)
     config = TrainConfig(n_epochs=3, **{**TINY, "save_every": 50})
     torch.manual_seed(0)
     ref_net = build_net(None)

@@ -16,7 +16,7 @@ from dqtool.data.io import write_image_png
 from dqtool.segmentation.train import TrainConfig
 from dqtool.segmentation.model_files import build_net
 from dqtool.segmentation.transfer import Stage, finetune, forgetting_matrix, replay, sequence
-from test_training import discs
+from factories import disc_images as discs
 
 CONFIG = TrainConfig(n_epochs=2, bsize=32, batch_size=4, min_train_masks=1, save_every=50)
 
