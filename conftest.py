@@ -37,3 +37,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Triton is an optional extra: without it, every test whose name or parameter id says ``triton`` is
+    skipped (and said), and the rest of the suite runs on the CPU paths. CI installs it (dev extras)."""
+    from dqtool_kernels._runtime import triton_available
+
+    if triton_available():
+        return
+    skip = pytest.mark.skip(reason="triton is not installed (the optional extra dqtool[triton])")
+    for item in items:
+        if "triton" in item.keywords:
+            item.add_marker(skip)
