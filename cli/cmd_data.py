@@ -1,4 +1,8 @@
-"""Data commands: ``dqtool data`` (embedded default), ``dqtool patches`` (build a cache), ``dqtool info``."""
+"""Data commands: ``dqtool data`` (embedded default), ``dqtool patches`` (build a cache), ``dqtool info``.
+
+The cache's option values (channel modes, normalisations, compressions) are read from
+``dqtool.data.cache`` on first use, so ``dqtool data`` never imports h5py.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,15 @@ import json
 
 import click
 
-from dqtool.data.cache import CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS
-from dqtool.data.cache_build import PatchOptions
 from dqtool.data.datasets import FORMATS
 from dqtool.data.patches import EDGE_MODES
 
-from .common import is_quiet, quiet_option, user_errors
+from .common import LazyChoice, LibraryConstant, is_quiet, quiet_option, seed_option, user_errors
 
 
 @click.command("data")
 @click.argument("out_dir", type=click.Path(file_okay=False), default="data/default")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generator.")
+@seed_option("Seed of the generator.")
 @click.option("--n-train", type=click.IntRange(1), default=12, show_default=True, help="Train images per domain.")
 @click.option("--n-test", type=click.IntRange(1), default=6, show_default=True, help="Test images per domain.")
 @click.option("--force", is_flag=True, help="Regenerate even when the folder's MANIFEST matches.")
@@ -41,18 +43,19 @@ def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
 @click.option("--stride", type=click.IntRange(1), default=112, show_default=True, help="Window stride (px).")
 @click.option("--edge", type=click.Choice(EDGE_MODES), default="shift", show_default=True,
               help="shift: add edge-aligned windows; pad: zero-pad; drop: the paper's code (drops the strips).")
-@click.option("--channels", type=click.Choice(CHANNEL_MODES), default="gray", show_default=True,
+@click.option("--channels", type=LazyChoice("dqtool.data.cache:CHANNEL_MODES"), default="gray", show_default=True,
               help="gray: mean over colour channels (Cellpose channels [0,0]); rgb: keep 3 channels.")
-@click.option("--norm", "normalisation", type=click.Choice(NORMALISATIONS), default="percentile",
+@click.option("--norm", "normalisation", type=LazyChoice("dqtool.data.cache:NORMALISATIONS"), default="percentile",
               show_default=True, help="Per-image intensity normalisation to uint8.")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default=DEFAULT_COMPRESSION, show_default=True)
+@click.option("--compression", type=LazyChoice("dqtool.data.cache:COMPRESSIONS"),
+              default=LibraryConstant("dqtool.data.cache:DEFAULT_COMPRESSION"), show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even when the cache matches.")
 @quiet_option
 @user_errors
 def patches_cmd(sources, out, domains, fmt, split, size, stride, edge, channels, normalisation, compression,
                 force, quiet):
     """Cut sliding-window patches from image folders SRC... into an HDF5 cache."""
-    from dqtool.data.cache_build import build_cache_from_folders
+    from dqtool.data.cache_build import PatchOptions, build_cache_from_folders
 
     options = PatchOptions(size=size, stride=stride, edge=edge, channels=channels, normalisation=normalisation,
                            compression=compression)
@@ -90,6 +93,3 @@ def info_cmd(cache, as_json, sources):
             click.echo(f"    {k}: {v}")
     if summary["derived"]:
         click.echo("  derived: " + ", ".join(summary["derived"]))
-
-
-COMMANDS = [data_cmd, patches_cmd, info_cmd]

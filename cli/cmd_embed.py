@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dqtool.features.embed import embed_cache
-
-from .common import is_quiet, quiet_option, user_errors
+from .common import is_quiet, quiet_option, seed_option, user_errors
 
 
 @click.command("embed")
@@ -18,8 +16,7 @@ from .common import is_quiet, quiet_option, user_errors
               help="Your own (N, D) features instead of an encoder: .npy or HDF5 ('features' dataset).")
 @click.option("--epochs", type=click.IntRange(1), default=None,
               help="Pretraining epochs of the default MAE  [default: ceil(2000 / N) in 1..15]")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
-              help="Seed of the default MAE's pretraining.")
+@seed_option("Seed of the default MAE's pretraining.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Patches per forward pass.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
@@ -29,14 +26,9 @@ from .common import is_quiet, quiet_option, user_errors
 def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, threads, quiet):
     """Compute deterministic MAE features (mean over patch tokens, no masking) of every patch in CACHE
     and store them in it; reused while cache and encoder are unchanged."""
-    if weights and features_file:
-        raise click.UsageError("--weights and --features exclude each other")
-    if epochs is not None and (weights or features_file):
-        raise click.UsageError("--epochs applies to the default self-trained MAE, not to --weights or --features")
+    from dqtool.features.embed import embed_cache
+
     feats = embed_cache(cache, weights=weights, features_file=features_file, epochs=epochs, seed=seed,
                         batch_size=batch_size, quiet=is_quiet(quiet), threads=threads)
     source = weights or features_file or "default self-trained MAE"
     click.echo(f"{cache}: features {feats.shape[0]} x {feats.shape[1]} ({source}) stored in group 'features'")
-
-
-COMMANDS = [embed_cmd]

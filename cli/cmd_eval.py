@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 
-from dqtool.evaluation.folders import evaluate_folders
-from dqtool.evaluation.metrics import parse_thresholds
-
 from .common import is_quiet, quiet_option, user_errors
 
 
 def _thresholds(ctx, param, value):
+    from dqtool.evaluation.metrics import parse_thresholds
+
     try:
         return parse_thresholds(value)
     except ValueError as exc:
@@ -41,6 +40,8 @@ def eval_command(gt_dir, pred_dir, thresholds, out_dir, empty_value, workers, qu
     Exit code 0: every file paired and scored; 3: some files had no partner or could not be scored
     (listed on stderr and in problems.csv), the rest were scored; 1: nothing could be scored.
     """
+    from dqtool.evaluation.folders import evaluate_folders
+
     report = evaluate_folders(gt_dir, pred_dir, out_dir, thresholds=thresholds, empty_value=empty_value,
                               workers=workers, quiet=is_quiet(quiet))
     click.echo(report.summary_text())
@@ -48,6 +49,3 @@ def eval_command(gt_dir, pred_dir, thresholds, out_dir, empty_value, workers, qu
         click.echo(line, err=True)
     click.echo(f"tables written to {out_dir}", err=True)
     sys.exit(report.exit_code)
-
-
-COMMANDS = [eval_command]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import click
 
 from dqtool.ranking.perturb import DEFAULT_STRENGTH, PERTURBATIONS
-from dqtool.ranking.rank import SCORES
 
-from .common import is_quiet, quiet_option, user_errors
+from .common import LazyChoice, is_quiet, quiet_option, seed_option, user_errors
 
 _STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
 
@@ -21,9 +20,9 @@ _STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
 @click.option("--perturb", "perturbation", type=click.Choice(PERTURBATIONS), default="dropout", show_default=True,
               help="dropout: channel dropout at CPnet's bottleneck; others perturb the normalised input.")
 @click.option("--strength", type=float, default=None, help=f"Perturbation strength (defaults: {_STRENGTHS}).")
-@click.option("--score", type=click.Choice(SCORES), default="adapted_rand", show_default=True,
+@click.option("--score", type=LazyChoice("dqtool.ranking.rank:SCORES"), default="adapted_rand", show_default=True,
               help="Consistency that orders the models.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of dropout channels and noise.")
+@seed_option("Seed of dropout channels and noise.")
 @click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Cell diameter in px (default: each model's training diameter).")
 @click.option("--out", type=click.Path(file_okay=False), default="rank", show_default=True,
@@ -34,8 +33,6 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
     """Rank the Cellpose models in MODELS_DIR on target images without labels."""
     from dqtool.ranking.rank import format_result, rank_models
 
-    if strength is not None and perturbation == "dropout" and not 0 < strength < 1:
-        raise click.BadParameter(f"dropout strength must lie in (0, 1), got {strength}", param_hint="--strength")
     result = rank_models(models_dir, images, labels=labels, perturbation=perturbation, strength=strength, out=out,
                          score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet))
     click.echo(format_result(result), nl=False)
@@ -46,22 +43,19 @@ def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, di
 @click.command("rank-study")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/rank_study", show_default=True,
               help="Folder for the data, the model bank, both rankings and the study tables.")
-@click.option("--target", type=click.Choice(["fluo", "histo", "multi"]), default="fluo", show_default=True,
+@click.option("--target", type=LazyChoice("dqtool.data.synthetic:DOMAINS"), default="fluo", show_default=True,
               help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, subsets, training, perturbations.")
+@seed_option("Seed of data, subsets, training, perturbations.")
 @click.option("--quick", is_flag=True, help="6 models of 15-30 epochs of 8 patches instead of 8 of 15-60 epochs of 16 (CPU budget).")
 @quiet_option
 @user_errors
 def rank_study_cmd(out, target, seed, quick, quiet):
     """Evidence: train a bank of graded models on the embedded domains and rank it on TARGET."""
-    from dqtool.studies.rank_study import DEFAULT_BANK, QUICK_BANK, rank_study
     from dqtool.common.tables import format_markdown
+    from dqtool.studies.rank_study import rank_study
 
-    summary = rank_study(out, target=target, seed=seed, members=QUICK_BANK if quick else DEFAULT_BANK,
-                         nimg_per_epoch=8 if quick else 16, n_test=4 if quick else 6, quiet=is_quiet(quiet))
-    click.echo(format_markdown(summary["rows"]), nl=False)
-    click.echo(format_markdown(summary["correlations"]), nl=False)
+    summary = rank_study(out, target=target, seed=seed, quick=quick, quiet=is_quiet(quiet))
+    click.echo(format_markdown(summary.rows), nl=False)
+    click.echo(format_markdown(summary.correlations), nl=False)
     click.echo(f"{out}/study.md, {out}/study_correlations.md, {out}/study.png")
 
-
-COMMANDS = [rank_cmd, rank_study_cmd]

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import click
 
-from dqtool.selection.quantize import GAINS, METHODS, SAMPLINGS, export_subset, select_to_files
-
-from .common import is_quiet, quiet_option, user_errors
+from .common import LazyChoice, is_quiet, quiet_option, seed_option, user_errors
 
 
 def _rates(ctx, param, value: str) -> list[float]:
+    """The comma list as numbers; their range is the library's check (``quantize.check_rate``)."""
     rates = []
     for part in str(value).split(","):
         try:
-            rate = float(part)
+            rates.append(float(part))
         except ValueError:
-            raise click.BadParameter(f"{part!r} is not a number; expected rates such as 0.1 or 0.01,0.05,0.1")
-        if not 0.0 < rate <= 1.0:
-            raise click.BadParameter(f"rate must be in (0, 1], got {part}")
-        rates.append(rate)
+            raise click.BadParameter(f"{part!r} is not a number; expected rates such as 0.1 or 0.01,0.05,0.1") \
+                from None
     return rates
 
 
@@ -27,13 +24,14 @@ def _rates(ctx, param, value: str) -> list[float]:
 @click.option("--rate", required=True, callback=_rates,
               help="Fraction rho of patches to keep; several comma-separated (bins are formed once).")
 @click.option("--bins", default=10, show_default=True, type=click.IntRange(min=1), help="Number of DQ bins.")
-@click.option("--method", type=click.Choice(METHODS), default="dq", show_default=True,
+@click.option("--method", type=LazyChoice("dqtool.selection.quantize:METHODS"), default="dq", show_default=True,
               help="dq, or the random baseline of the same size.")
-@click.option("--gain", type=click.Choice(GAINS), default="paper", show_default=True,
+@click.option("--gain", type=LazyChoice("dqtool.selection.quantize:GAINS"), default="paper", show_default=True,
               help="paper: eq. 1; dq: the original DQ code (GraphCut, 0.5+0.5cos); biomedseg: the seed's code.")
-@click.option("--sampling", type=click.Choice(SAMPLINGS), default="random", show_default=True,
+@click.option("--sampling", type=LazyChoice("dqtool.selection.quantize:SAMPLINGS"), default="random",
+              show_default=True,
               help="random: eq. 2 with largest-remainder rounding; first: the seed's first-k of each bin.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
+@seed_option("Sampling seed.")
 @click.option("--memory", default=None, help="Budget for the N x N Gram matrix, e.g. 512MB, 2GB [default: 1GiB].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Subset JSON (several rates: OUT_rate<r>.json).")
@@ -43,12 +41,14 @@ def _rates(ctx, param, value: str) -> list[float]:
 @user_errors
 def select(cache, rate, bins, method, gain, sampling, seed, memory, out, plot_dir, quiet):
     """Select a fraction of the patches in CACHE by dataset quantization (run `dqtool embed CACHE` first)."""
+    from dqtool.selection.quantize import select_to_files
+
     written = select_to_files(cache, rate, out, plot_dir=plot_dir, method=method, bins=bins, gain=gain,
                               seed=seed, sampling=sampling, memory=memory, quiet=is_quiet(quiet))
     for path, subset in written:
-        cov, cfg = subset["coverage"], subset["config"]
-        click.echo(f"rate {subset['rate']:g}: {subset['n_selected']} of {subset['n_total']} patches "
-                   f"({subset['method']}, gain {cfg['gain']}, {cfg['bins']} bins"
+        cov, cfg = subset.coverage, subset.config
+        click.echo(f"rate {subset.rate:g}: {subset.n_selected} of {subset.n_total} patches "
+                   f"({subset.method}, gain {cfg['gain']}, {cfg['bins']} bins"
                    f"{', reused' if cfg['bins_reused'] else ''}) -> {path}")
         click.echo(f"  covering radius        dq {cov['dq']['covering_radius']:.4f}   "
                    f"random {cov['random']['covering_radius']:.4f}")
@@ -67,8 +67,8 @@ def select(cache, rate, bins, method, gain, sampling, seed, memory, out, plot_di
 @user_errors
 def export(subset, out, cache_path, quiet):
     """Write the patches of SUBSET as Cellpose files (NNN_img.png, NNN_masks.png) plus a CSV back to sources."""
+    from dqtool.selection.subsets import export_subset
+
     csv_path = export_subset(subset, out, cache_path=cache_path, quiet=is_quiet(quiet))
     click.echo(f"exported -> {out} (index: {csv_path})")
 
-
-COMMANDS = [select, export]

@@ -1,12 +1,18 @@
-"""Shared CLI plumbing: the error boundary and common options.
+"""Shared CLI plumbing: the error boundary, the options several commands share, lazy library constants.
 
 User mistakes become one clear line and an exit code (2 for bad usage, 1 for failures), never a
-traceback. Library code raises ``dqtool.errors.InputError`` (or ``FileNotFoundError``) for those.
+traceback. Library code raises ``dqtool.common.errors.InputError`` (or ``FileNotFoundError``) for those,
+and the library, not the CLI, checks values (rates, strengths, training settings): the CLI parses.
+
+An option that several commands take with one meaning (``--quiet``, ``--seed``, ``--channels``, the
+training settings) is declared once here. Nothing here imports torch, Cellpose, h5py or the MAE:
+choices that live in heavy library modules are read on first use (:class:`LibraryConstant`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 
 import click
@@ -17,8 +23,7 @@ from dqtool.common.errors import InputError
 class Context:
     """Global options carried to every command."""
 
-    def __init__(self, verbose: int = 0, quiet: bool = False):
-        self.verbose = verbose
+    def __init__(self, quiet: bool = False):
         self.quiet = quiet
 
 
@@ -37,6 +42,50 @@ def user_errors(func):
     return wrapper
 
 
+# ----------------------------------------------------------------------------------------------
+# Library constants read on first use
+
+
+class LibraryConstant:
+    """The value of ``"module:NAME"`` in the library, imported when Click first needs it.
+
+    Used as an option default (Click calls it; ``--help`` shows ``str()`` of it) and by
+    :class:`LazyChoice`, so a command module can offer the cache's compressions without importing
+    h5py, or the DQ gains without importing torch, before the command runs.
+    """
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    @functools.cached_property
+    def value(self):
+        module, _, name = self.ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self):
+        return self.value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class LazyChoice(click.Choice):
+    """``click.Choice`` over a library constant (``"module:NAME"``) read on first use."""
+
+    def __init__(self, ref: str, case_sensitive: bool = True):
+        # click.Choice.__init__ would store the choices now; they are read on first use instead
+        self._choices = LibraryConstant(ref)
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple:
+        return tuple(self._choices.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options several commands share
+
+
 def quiet_option(func):
     """``--quiet`` on a subcommand, also honouring the group's ``--quiet``."""
     return click.option("--quiet", is_flag=True, default=False,
@@ -50,3 +99,72 @@ def is_quiet(quiet: bool) -> bool:
             return True
         ctx = ctx.parent
     return bool(quiet)
+
+
+def seed_option(help: str | None = None):
+    """``--seed``: a non-negative integer, 0 by default (NumPy and torch take no negative seed)."""
+    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help=help)
+
+
+def _channels(ctx, param, value) -> tuple[int, int]:
+    try:
+        parts = tuple(int(v) for v in str(value).replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected two integers such as 0,0 or 2,3") from None
+    # The range is checked here, not left to the library: predict has no library check of channels yet.
+    if len(parts) != 2 or not all(0 <= p <= 3 for p in parts):
+        raise click.BadParameter(f"{value!r}: expected two channels in 0..3 (0 = gray, 1 = R, 2 = G, 3 = B)")
+    return parts
+
+
+def channels_option(func):
+    """``--channels cytoplasm,nucleus``, Cellpose's channel pair, parsed into a tuple of two ints."""
+    return click.option("--channels", default="0,0", show_default=True, callback=_channels,
+                        help="Cellpose channels: cytoplasm,nucleus (0 = gray, 1 = R, 2 = G, 3 = B).")(func)
+
+
+#: Training option name -> ``TrainConfig`` field (the checks of every value are TrainConfig's).
+_TRAINING_FIELDS = {"channels": "channels", "sgd": "sgd", "learning_rate": "learning_rate",
+                    "weight_decay": "weight_decay", "epochs": "n_epochs", "save_every": "save_every",
+                    "bsize": "bsize", "batch_size": "batch_size", "nimg_per_epoch": "nimg_per_epoch",
+                    "seed": "seed", "min_train_masks": "min_train_masks", "engine": "engine"}
+
+
+def training_options(func):
+    """The training settings, passed to the command as one ``config`` (a ``TrainConfig``) plus ``resume``.
+
+    The paper's defaults (Sec. IV.D): channels 0,0, SGD, lr 0.1, wd 1e-4, 500 epochs, checkpoint every 50.
+    """
+
+    @functools.wraps(func)
+    @user_errors  # TrainConfig rejects bad values with an InputError: one line, exit 1
+    def with_config(*args, **kwargs):
+        from dqtool.segmentation.train import TrainConfig
+
+        config = TrainConfig(**{field: kwargs.pop(name) for name, field in _TRAINING_FIELDS.items()})
+        return func(*args, config=config, **kwargs)
+
+    options = [
+        channels_option,
+        click.option("--sgd/--adamw", default=True, show_default=True, help="Optimiser."),
+        click.option("--learning-rate", type=float, default=0.1, show_default=True),
+        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option("--epochs", type=int, default=500, show_default=True),
+        click.option("--save-every", type=int, default=50, show_default=True,
+                     help="Checkpoint every N epochs (resume point)."),
+        click.option("--bsize", type=int, default=224, show_default=True,
+                     help="Training crop size (a multiple of 16)."),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--nimg-per-epoch", type=int, default=None, help="Patches drawn per epoch (default: all)."),
+        seed_option(),
+        click.option("--min-train-masks", type=int, default=5, show_default=True,
+                     help="Drop patches with fewer masks (reported)."),
+        click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint."),
+        click.option("--engine", type=LazyChoice("dqtool.segmentation.train:ENGINES"), default="dqtool",
+                     show_default=True,
+                     help="dqtool: train_seg's loop step for step (progress, resume, seeds); train_seg: "
+                          "cellpose.train.train_seg itself (same model for seed 0; no resume)."),
+    ]
+    for option in reversed(options):
+        with_config = option(with_config)
+    return with_config

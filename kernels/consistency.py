@@ -36,8 +36,7 @@ import math
 import numba
 import numpy as np
 
-from ._runtime import pick_device, triton_available
-from ._runtime import cpu_count
+from ._runtime import cpu_count, pick_device, triton_available
 
 __all__ = [
     "semantic_counts", "semantic_counts_reference", "semantic_counts_numba", "semantic_counts_triton",
@@ -575,11 +574,11 @@ def rand_pair_counts(u, v, device: str | None = "auto"):
     return rand_pair_counts_numba(u, v)
 
 
-if not triton_available():  # pragma: no cover - triton is a dependency; keep the module importable
+if not triton_available():  # Triton is optional: the module stays importable, the Triton path is a clear error
 
-    def semantic_counts_triton(*args, **kwargs):  # noqa: F811
-        raise RuntimeError("Triton is not installed")
+    def semantic_counts_triton(*args, **kwargs):
+        pick_device("triton")  # raises: the Triton path needs the triton package
 
-    def rand_pair_counts_triton(*args, **kwargs):  # noqa: F811
-        raise RuntimeError("Triton is not installed")
+    def rand_pair_counts_triton(*args, **kwargs):
+        pick_device("triton")  # raises: the Triton path needs the triton package
 

@@ -12,6 +12,7 @@ Paths (one dispatch function per kernel picks by device):
 - ``cpu``: torch/BLAS on blocks of rows (float64 accumulation by default).
 - ``triton``: tile kernels for CUDA (``_sq_dist_tile_kernel``, ``_min_sq_dist_kernel``); they also run in the
   Triton interpreter (TRITON_INTERPRET=1), which is how the tests check them on a CPU-only machine.
+  Defined only when Triton is installed; without it, asking for this path is a clear error.
 """
 
 from __future__ import annotations
@@ -180,6 +181,15 @@ def _min_sq_distances_triton(a, b, block_m: int = 64, block_n: int = 64) -> tupl
     _min_sq_dist_kernel[(triton.cdiv(M, block_m),)](ta, tb, best, arg, M, N, D, ta.stride(0), tb.stride(0),
                                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
     return best.cpu().numpy(), arg.cpu().numpy()
+
+
+if not triton_available():  # the module stays importable; the Triton path is a clear error
+
+    def _sq_distances_triton(a, b, **blocks):
+        pick_device("triton")  # raises: the Triton path needs the triton package
+
+    def _min_sq_distances_triton(a, b, **blocks):
+        pick_device("triton")  # raises: the Triton path needs the triton package
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,7 +117,11 @@ def _flat_ids(y: np.ndarray) -> np.ndarray:
 
 
 def _renumber(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids too large for per-id arrays: renumber to 0..k keeping 0 as background; returns (ids, id map)."""
+    """Ids too large for per-id arrays: renumber to 0..k keeping 0 as background; returns (ids, id map).
+
+    The kernel's own renumbering, not a copy of ``dqtool.data.io.relabel_consecutive`` (kernels import
+    nothing from the library): it also returns the id map, to report overlaps under the original ids.
+    """
     ids, inverse = np.unique(flat, return_inverse=True)
     if ids[0] != 0:
         ids = np.concatenate([np.zeros(1, ids.dtype), ids])

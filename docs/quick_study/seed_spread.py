@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dqtool.experiment import QUICK
-from dqtool.selection import random_subset, select_subset, subset_total
-from dqtool.training import TrainConfig, load_patches, train_patches
-from dqtool.transfer import Stage, score_stage
+from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
+from dqtool.segmentation.transfer import Stage, score_stage
+from dqtool.selection.quantize import select_subset
+from dqtool.selection.subsets import random_subset, subset_total
+from dqtool.studies.experiment import QUICK
 
 
 def main(study: Path, rate: float, seeds=(1, 2)) -> list[dict]:
@@ -27,7 +28,7 @@ def main(study: Path, rate: float, seeds=(1, 2)) -> list[dict]:
     for seed in seeds:
         for method in ("dq", "random"):
             if method == "dq":
-                idx = np.asarray(select_subset(cache, rate, method="dq", seed=seed)["indices"])
+                idx = select_subset(cache, rate, method="dq", seed=seed).index_array()
             else:
                 idx = np.sort(random_subset(n, subset_total(n, rate), seed))
             images, labels, provenance = load_patches(cache, idx)

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dqtool.evaluation import metrics
-from dqtool.evaluation.folders import find_label_files, pair_folders, pairing_key
+from dqtool.data.naming import label_key
+from dqtool.evaluation.folders import find_label_files, pair_folders
 from dqtool.data.io import read_labels
 from dqtool_cli.main import cli
 
@@ -52,11 +53,11 @@ def read_csv(path):
 
 
 def test_pairing_keys_of_the_usual_layouts():
-    assert pairing_key("001_masks") == "001"
-    assert pairing_key("001_img_cp_masks") == "001"
-    assert pairing_key("cell_00001_label") == "cell_00001"
-    assert pairing_key("GOWT1_t01") == "GOWT1_t01"
-    assert pairing_key("_img") == "_img"
+    assert label_key("001_masks") == "001"
+    assert label_key("001_img_cp_masks") == "001"
+    assert label_key("cell_00001_label") == "cell_00001"
+    assert label_key("GOWT1_t01") == "GOWT1_t01"
+    assert label_key("_img") == "_img"
 
 
 def test_cellpose_layout_with_domains(tmp_path):
@@ -171,3 +172,39 @@ def test_find_label_files_skips_images_next_to_labels(tmp_path):
     found = find_label_files(tmp_path)
     assert [f.path.name for f in found] == ["001_masks.png"]
     assert pair_folders(tmp_path, tmp_path).pairs[0][0] == "001"
+
+
+# -- disagreements with the other readers, resolved by dqtool.data.naming ----------------------------
+
+
+def test_gt_suffix_is_a_label(tmp_path):
+    """eval's list lacked _gt (a label to the dataset readers): a_gt.tif did not pair with a_cp_masks.tif."""
+    y = cells((20, 20), 4, 0)
+    tif(tmp_path / "gt" / "a_gt.tif", y)
+    png(tmp_path / "gt" / "a.png", np.zeros((20, 20), np.uint8))  # the image beside it: not a label
+    tif(tmp_path / "pred" / "a_cp_masks.tif", y)
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "pred", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert [r["name"] for r in read_csv(tmp_path / "o" / "per_image.csv")] == ["a"]
+
+
+def test_cellpose_outputs_are_never_labels(tmp_path):
+    """In a folder of plain-stem label maps, Cellpose's a_flows.tif was a second (unpaired) prediction."""
+    y = cells((20, 20), 4, 0)
+    tif(tmp_path / "gt" / "a.tif", y)
+    tif(tmp_path / "pred" / "a.tif", y)
+    tif(tmp_path / "pred" / "a_flows.tif", np.zeros((3, 20, 20), np.float32))
+    tif(tmp_path / "pred" / "a_cellprob.tif", np.zeros((20, 20), np.float32))
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "pred", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+
+
+def test_every_images_folder_name_holds_no_labels(tmp_path):
+    """eval skipped images/ only; the dataset readers also know imgs/ and img/, whose images were scored as GT."""
+    y = cells((20, 20), 4, 0)
+    tif(tmp_path / "gt" / "imgs" / "a.tif", np.zeros((20, 20), np.uint8))
+    tif(tmp_path / "gt" / "masks" / "a.tif", y)
+    tif(tmp_path / "pred" / "a.tif", y)
+    res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "pred", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert [f.path.parent.name for f in find_label_files(tmp_path / "gt")] == ["masks"]

@@ -63,14 +63,22 @@ def test_random_method_and_first_sampling(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["method"] == "random"
 
 
-@pytest.mark.parametrize("args", [["--rate", "0"], ["--rate", "1.5"], ["--rate", "abc"], ["--rate", "0.1",
-                                  "--bins", "0"], ["--rate", "0.1", "--method", "kmeans"],
-                                  ["--rate", "0.1", "--seed", "-1"]])
+@pytest.mark.parametrize("args", [["--rate", "abc"], ["--rate", "0.1", "--bins", "0"],
+                                  ["--rate", "0.1", "--method", "kmeans"], ["--rate", "0.1", "--seed", "-1"]])
 def test_bad_options_exit_2(tmp_path, args):
     path = _cache(tmp_path, features=False)
     res = _run("select", path, *args, "--out", tmp_path / "s.json")
     assert res.exit_code == 2
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("rates", ["0", "1.5", "0.1,1.5"])
+def test_rates_are_checked_once_by_the_library(tmp_path, rates):
+    """The range of a rate is the library's check (one line, exit 1); the CLI only reads the numbers."""
+    path = _cache(tmp_path, features=False)
+    res = _run("select", path, "--rate", rates, "--out", tmp_path / "s.json")
+    assert res.exit_code == 1 and res.output.startswith("error: rate must be in (0, 1]")
+    assert not list(tmp_path.glob("s*.json"))
 
 
 def test_user_errors_exit_1_and_keep_existing_output(tmp_path):
@@ -105,6 +113,12 @@ def test_export(tmp_path):
     bad.write_text(json.dumps(subset))
     res = _run("export", bad, "--out", tmp_path / "exp2")
     assert res.exit_code == 1 and "99999" in res.output and "bad.json" in res.output
+    subset["indices"][-1] = subset["indices"][0]  # a repeated patch: refused, naming it
+    bad.write_text(json.dumps(subset))
+    res = _run("export", bad, "--out", tmp_path / "exp3")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"patch index {subset['indices'][0]} appears more than once" in res.output
+    assert not (tmp_path / "exp3").exists()
 
 
 @pytest.mark.slow

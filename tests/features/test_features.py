@@ -257,7 +257,7 @@ def test_cli_embed(cache_path, tmp_path):
     assert load_features(cache_path).shape == (n, 192)
     run = CliRunner().invoke(cli, ["embed", str(cache_path), "--features", str(tmp_path / "f.npy"),
                                    "--weights", str(tmp_path / "f.npy")])
-    assert run.exit_code == 2 and "exclude" in run.output
+    assert run.exit_code == 1 and "not both" in run.output  # the library's check, not a CLI copy
     np.save(tmp_path / "short.npy", np.ones((n - 1, 3)))
     run = CliRunner().invoke(cli, ["embed", str(cache_path), "--features", str(tmp_path / "short.npy")])
     assert run.exit_code == 1
@@ -286,3 +286,15 @@ def test_stored_non_finite_features_are_refused(cache_path):
         c.write_group(FEATURES_GROUP, {"features": feats}, attrs)
     with pytest.raises(InputError, match="NaN or inf"):
         load_features(cache_path)
+
+
+def test_stored_features_pass_the_user_features_check(cache_path):
+    """load_features checked shape and finiteness only (and selection checked them again): stored (N, 0) or
+    text features were served. Both now go through the one check_features."""
+    with PatchCache(cache_path) as c:
+        n, attrs = len(c), {"cache_hash": c.content_hash}
+        c.write_group(FEATURES_GROUP, {"features": np.zeros((n, 0), np.float32)}, attrs)
+    with pytest.raises(InputError, match=r"c\.h5: features have 0 dimensions.*dqtool embed"):
+        load_features(cache_path)
+    with pytest.raises(InputError, match=r"where: 3 feature rows but the cache has 4"):
+        features.check_features(np.ones((3, 2)), "where", 4)

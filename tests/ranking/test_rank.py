@@ -163,6 +163,8 @@ def bank(tmp_path_factory):
         img = (blob_image(10 + i) * 40000).astype(np.uint16)
         tifffile.imwrite(images / f"img{i}.tif", img)
     write_labels(labels / "img0_label.tif", connected_components(blob_image(10) > 0.5))  # img1 unlabelled
+    # a label beside the images is no target (the old skip list lacked _mask and ranked on it)
+    tifffile.imwrite(images / "img1_mask.tif", connected_components(blob_image(11) > 0.5).astype(np.uint16))
     return root
 
 
@@ -214,7 +216,7 @@ def test_rank_cli_errors(tmp_path, bank):
     res = runner.invoke(cli, ["rank", str(empty), "--images", str(bank / "images")])
     assert res.exit_code == 1 and "no Cellpose model files" in res.output
     res = runner.invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--strength", "1.5"])
-    assert res.exit_code == 2 and "--strength" in res.output
+    assert res.exit_code == 1 and "dropout strength 1.5" in res.output  # the library's check, not a CLI copy
     res = runner.invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--perturb", "blur"])
     assert res.exit_code == 2
 
@@ -246,21 +248,29 @@ def test_rank_models_bad_input(tmp_path, bank):
         R.rank_models(tmp_path / "nope", bank / "images")
 
 
-def test_find_labels_never_returns_the_image_itself(tmp_path):
-    """A Cellpose-layout folder given as both --images and --labels: 000_img.png pairs with 000_masks.png."""
-    for name in ("000_img.png", "000_masks.png", "plain.png"):
-        (tmp_path / name).write_bytes(b"x")
-    assert R.find_labels(tmp_path, tmp_path / "000_img.png").name == "000_masks.png"
-    assert R.find_labels(tmp_path, tmp_path / "plain.png") is None
+def test_labels_follow_the_one_naming_rule(tmp_path):
+    """rank paired labels by its own list (no _gt, _cp_masks, case, and picked the first of two silently);
+    it now uses dqtool.data.naming (the rule itself is tested in tests/data/test_naming.py)."""
+    from dqtool.data.naming import list_input_images
 
-
-def test_find_labels_name_variants(tmp_path):
-    for name in ("a.tif", "b_label.tiff", "c_masks.png"):
-        (tmp_path / name).write_bytes(b"")
-    assert R.find_labels(tmp_path, tmp_path / "img" / "a.png").name == "a.tif"
-    assert R.find_labels(tmp_path, tmp_path / "b.tif").name == "b_label.tiff"
-    assert R.find_labels(tmp_path, tmp_path / "c_img.png").name == "c_masks.png"
-    assert R.find_labels(tmp_path, tmp_path / "d.tif") is None
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    lab = np.zeros((16, 16), np.uint16)
+    lab[2:8, 2:8] = 3
+    for name in ("a.tif", "b.tif", "c_img.tif", "d.tif"):
+        images.mkdir(exist_ok=True)
+        tifffile.imwrite(images / name, np.zeros((16, 16), np.uint16))
+    labels.mkdir()
+    for name in ("a_gt.tif", "b_Masks.tif", "c_img_cp_masks.tif"):
+        write_labels(labels / name, lab)
+    tifffile.imwrite(images / "d_mask.tif", lab)  # a label beside the images: not a target
+    files = list_input_images(images)
+    assert [f.name for f in files] == ["a.tif", "b.tif", "c_img.tif", "d.tif"]
+    truth, notes = R._read_truth(labels, files, [np.zeros((16, 16))] * 4)
+    assert [t is not None and t.max() == 1 for t in truth] == [True, True, True, False]
+    assert "d.tif" in notes[0]
+    write_labels(labels / "a_label.tif", lab)
+    with pytest.raises(InputError, match=r"a_gt\.tif and .*a_label\.tif"):
+        R._read_truth(labels, files, [np.zeros((16, 16))] * 4)
 
 
 def test_normalise_for_model_is_cellposes_normalisation():
@@ -286,13 +296,74 @@ def test_rank_study_glue(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "build_bank", fake_bank)
     members = (S.BankMember("fluo", 1), S.BankMember("histo", 1, 0.5))
     summary = S.rank_study(tmp_path, members=members, perturbations=("dropout",), n_train=1, n_test=1, size=96)
-    assert {r["model"] for r in summary["rows"]} == {"fluo_r100_e001", "histo_r050_e001"}
-    assert all("dropout_rank" in r and "dropout_nhd" in r and "f1" in r for r in summary["rows"])
-    assert [c["perturbation"] for c in summary["correlations"]] == ["dropout"] * 6
-    assert {(c["consistency"], c["performance"]) for c in summary["correlations"]} == \
+    assert isinstance(summary, S.RankStudyResult) and summary.target == "fluo"
+    assert summary.members == ["fluo_r100_e001", "histo_r050_e001"]
+    assert {r["model"] for r in summary.rows} == {"fluo_r100_e001", "histo_r050_e001"}
+    assert all("dropout_rank" in r and "dropout_nhd" in r and "f1" in r for r in summary.rows)
+    assert [c["perturbation"] for c in summary.correlations] == ["dropout"] * 6
+    assert {(c["consistency"], c["performance"]) for c in summary.correlations} == \
         {(s, p) for s in ("adapted_rand", "nhd", "effective_invariance") for p in ("F1@0.5", "mean accuracy@0.5:0.95")}
     for name in ("study.csv", "study.md", "study_correlations.md", "study_summary.json", "study.png",
                  "rank_dropout/rank.json"):
         assert (tmp_path / name).exists(), name
+    written = json.loads((tmp_path / "study_summary.json").read_text())
+    assert list(written) == ["target", "members", "rows", "correlations", "timing"]
+    assert written["members"] == summary.members and len(written["rows"]) == 2
     with pytest.raises(InputError, match="target"):
         S.rank_study(tmp_path, target="mars")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_rank_study_budget_comes_from_the_library_presets(tmp_path, monkeypatch, quick):
+    """``dqtool rank-study [--quick]`` passes only ``quick``; the budget (bank, patches per epoch, test
+    images) is the library's preset, the one the CLI used to spell out."""
+    from dqtool.studies import rank_study as S
+
+    seen = {}
+
+    def fake_generate(root, seed, n_train, n_test, size, quiet):
+        seen.update(n_train=n_train, n_test=n_test, size=size)
+        return root
+
+    def fake_bank(data, out, members, bsize, nimg_per_epoch, seed, quiet):
+        seen.update(members=members, bsize=bsize, nimg_per_epoch=nimg_per_epoch)
+        raise _Stop
+
+    monkeypatch.setattr(S, "generate", fake_generate)
+    monkeypatch.setattr(S, "build_bank", fake_bank)
+    with pytest.raises(_Stop):
+        S.rank_study(tmp_path, quick=quick)
+    old_cli = {"members": S.QUICK_BANK if quick else S.DEFAULT_BANK, "nimg_per_epoch": 8 if quick else 16,
+               "n_test": 4 if quick else 6, "bsize": 64, "n_train": 12, "size": 336}
+    assert seen == old_cli
+    assert S.PRESETS["quick" if quick else "default"] == S.StudyBudget(**old_cli)
+
+    calls = []
+    monkeypatch.setattr(S, "rank_study", lambda out, **kw: calls.append(kw) or S.RankStudyResult(
+        target="fluo", members=[], rows=[], correlations=[], timing={}))
+    res = CliRunner().invoke(cli, ["rank-study", "--out", str(tmp_path / "s"), "--quiet"] + (["--quick"] if quick else []))
+    assert res.exit_code == 0, res.output
+    assert calls == [{"target": "fluo", "seed": 0, "quick": quick, "quiet": True}]
+
+
+def test_rank_study_bank_subsets_round_halves_up_like_selection():
+    """A member at rate < 1 trains on the selection module's random baseline: round(rate * N) with halves
+    up. The bank used Python's round (halves to even) with a minimum of 1: N = 5 at rate 0.5 gave 2, now 3."""
+    from dqtool.selection.subsets import random_subset
+    from dqtool.studies.rank_study import BankMember, member_indices
+
+    half = BankMember("fluo", 30, 0.5)
+    assert member_indices(5, half, seed=2).tolist() == random_subset(5, 3, seed=2).tolist()
+    assert len(member_indices(5, half)) == 3 and len(member_indices(7, half)) == 4   # 2.5 -> 3, 3.5 -> 4
+    assert member_indices(9, BankMember("fluo", 30)).tolist() == list(range(9))
+    # the presets' members (48 patches per domain) draw what they drew before
+    for rate in (0.25, 0.1):
+        k = max(1, int(round(rate * 48)))
+        old = np.sort(np.random.default_rng(0).choice(48, k, replace=False))
+        assert member_indices(48, BankMember("fluo", 30, rate), seed=0).tolist() == old.tolist()
+    with pytest.raises(InputError, match="selects no patch"):
+        member_indices(20, BankMember("fluo", 30, 0.01))

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from dqtool.common.errors import InputError
 from dqtool.data.io import read_labels, write_image_png
-from dqtool.segmentation.predict import PredictOptions, list_images, mask_name, predict
+from dqtool.data.naming import list_input_images
+from dqtool.segmentation.predict import PredictOptions, mask_name, predict
 from dqtool.segmentation.model_files import build_net
 
 
@@ -38,7 +39,8 @@ def images(tmp_path_factory):
             img[(yy - cy) ** 2 + (xx - cx) ** 2 < 60] += 150
         arrays[name] = np.clip(img, 0, 255).astype(np.uint8)
         write_image_png(folder / f"{name}.png", arrays[name])
-    write_image_png(folder / "001_masks.png", np.zeros((96, 96), np.uint8))  # a label file: skipped
+    for label in ("001_masks.png", "002_mask.png", "001_gt.png"):  # label files: skipped (the old copy
+        write_image_png(folder / label, np.zeros((96, 96), np.uint8))  # segmented _mask and _gt files)
     return folder, arrays
 
 
@@ -65,15 +67,15 @@ def test_predict_writes_cellpose_masks(model, images, tmp_path):
 
 def test_listing_and_names(images, tmp_path):
     folder, _ = images
-    assert [p.name for p in list_images(folder)] == ["001_img.png", "002_img.png"]
+    assert [p.name for p in list_input_images(folder)] == ["001_img.png", "002_img.png"]
     assert mask_name("a/b/cell_007.tif") == "cell_007_cp_masks.tif"
     (tmp_path / "x.txt").write_text("no image")
     with pytest.raises(InputError, match="not an image"):
-        list_images(tmp_path / "x.txt")
+        list_input_images(tmp_path / "x.txt")
     with pytest.raises(InputError, match="no images"):
-        list_images(tmp_path)
+        list_input_images(tmp_path)
     with pytest.raises(FileNotFoundError):
-        list_images(tmp_path / "missing")
+        list_input_images(tmp_path / "missing")
 
 
 def test_errors(images, tmp_path, model):

@@ -15,7 +15,8 @@ from dqtool.common.errors import InputError
 from dqtool.data.io import write_image_png
 from dqtool.segmentation.train import TrainConfig
 from dqtool.segmentation.model_files import build_net
-from dqtool.segmentation.transfer import Stage, finetune, forgetting_matrix, replay, sequence
+from dqtool.segmentation.transfer import Stage, finetune, forgetting_matrix, replay, sequence, source_subset
+from dqtool.selection.subsets import Subset, random_subset, subset_total
 from factories import disc_images as discs
 
 CONFIG = TrainConfig(n_epochs=2, bsize=32, batch_size=4, min_train_masks=1, save_every=50)
@@ -96,7 +97,6 @@ def test_finetune_evaluates_every_stage(world, tmp_path):
 
 def test_replay_mixes_a_source_subset_into_the_target(world, tmp_path):
     from dqtool.data.cache import PatchCache
-    from dqtool.selection.quantize import subset_total
 
     out = tmp_path / "rp"
     result = replay(world["model"], world["small"], world["large"], out, source_rate=0.5, source_method="random",
@@ -123,7 +123,6 @@ def test_dq_replay_subset_uses_the_features_in_the_cache_and_keeps_them(tmp_path
     re-embeds over them (it once replaced a study's 2-epoch MAE features with 15-epoch ones)."""
     from dqtool.features.embed import embed_cache, load_features
     from dqtool.selection.quantize import features_hash
-    from dqtool.segmentation.transfer import source_subset
 
     images, labels = discs(n_images=3, size=128, n_cells=16, seed=3)
     src = build_cache_from_arrays(tmp_path / "src.h5", images, labels, ["a", "b", "c"], size=64, stride=64)
@@ -132,7 +131,37 @@ def test_dq_replay_subset_uses_the_features_in_the_cache_and_keeps_them(tmp_path
     embed_cache(src, features_file=tmp_path / "feats.npy")
     subset = source_subset(src, 0.5, "dq", 0, tmp_path)
     np.testing.assert_array_equal(load_features(src), feats)
-    assert subset["features_hash"] == features_hash(feats) and subset["n_selected"] == 6
+    assert subset.features_hash == features_hash(feats) and subset.n_selected == 6
+    assert subset.config["seed"] == 0 and Subset.read(tmp_path / "source_subset.json") == subset
+
+
+def test_random_source_subset_is_a_whole_subset_record(world, tmp_path):
+    """The random replay subset is written as the same record as `dqtool select`'s (it used to leave out
+    version, bins and config, and kept the seed at the top), and reused on its config's seed."""
+    from dqtool.data.cache import PatchCache
+
+    with PatchCache(world["small"]) as c:
+        n, chash = len(c), c.content_hash
+    subset = source_subset(world["small"], 0.5, "random", 4, tmp_path)
+    written = json.loads((tmp_path / "source_subset.json").read_text())
+    assert list(written) == ["version", "indices", "bins", "rate", "method", "n_total", "n_selected", "cache",
+                             "cache_hash", "features_hash", "config", "coverage"]
+    assert written["version"] == 1 and written["bins"] is None and written["coverage"] is None
+    assert written["config"] == {"rate": 0.5, "method": "random", "seed": 4,
+                                 "rounding": "total round(rate*N) with halves up"}
+    assert written["cache_hash"] == chash and written["n_total"] == n
+    assert list(subset.indices) == random_subset(n, subset_total(n, 0.5), 4).tolist()
+    # reused as long as method, rate, seed and cache agree; another seed draws again
+    mtime = (tmp_path / "source_subset.json").stat().st_mtime_ns
+    assert source_subset(world["small"], 0.5, "random", 4, tmp_path) == subset
+    assert (tmp_path / "source_subset.json").stat().st_mtime_ns == mtime
+    assert source_subset(world["small"], 0.5, "random", 5, tmp_path).config["seed"] == 5
+    # a file in the old layout (no config: its seed is unknown) is drawn again, to the same patches
+    old = {"indices": list(subset.indices), "rate": 0.5, "method": "random", "seed": 4, "n_total": n,
+           "n_selected": subset.n_selected, "cache": subset.cache, "cache_hash": chash}
+    (tmp_path / "source_subset.json").write_text(json.dumps(old))
+    assert source_subset(world["small"], 0.5, "random", 4, tmp_path) == subset
+    assert Subset.read(tmp_path / "source_subset.json") == subset
 
 
 def test_sequence_keeps_finished_stages_when_a_later_one_fails(world, tmp_path):
@@ -193,6 +222,17 @@ def test_experiment_runs_a_micro_study(world, tmp_path):
     # the zero-shot row of the source equals the all-patches redundancy row (same model, same test set)
     zero = json.loads((out / "tables" / "zero_shot.json").read_text())
     assert zero[0]["f1@0.50"] == red[0]["f1@0.50"]
+    # from Python: the same study again reuses everything, rewrites the same bytes and returns the tables
+    from dqtool.studies.experiment import ExperimentResult, run_experiment
+
+    before = {p: p.read_bytes() for p in [out / "report.md", *sorted((out / "tables").iterdir())]}
+    result = run_experiment(config, out, quiet=True)
+    assert isinstance(result, ExperimentResult) and result.source_model == out / "models" / "redundancy" / "small_all_1"
+    assert {p: p.read_bytes() for p in before} == before
+    assert list(result.tables()) == ["redundancy", "zero_shot", "transfer", "sequences"]
+    assert [(r["method"], r["rate"], r["patches"]) for r in result.redundancy] == \
+        [(r["method"], r["rate"], r["patches"]) for r in red]
+    assert [r["model"] for r in result.transfer] == [r["model"] for r in transfer]
     config["rates"] = [0.25]
     cfg.write_text(json.dumps(config))
     res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(out), "--quiet"])
@@ -204,6 +244,6 @@ def test_quick_study(tmp_path):
     """The built-in quick study (27 min on 2 idle CPU cores): every table is filled."""
     from dqtool.studies.experiment import run_experiment
 
-    tables = run_experiment(None, tmp_path / "quick", quick=True, quiet=True)
-    assert len(tables["redundancy"]) == 5 and len(tables["transfer"]) == 6 and len(tables["sequences"]) == 3
-    assert all(np.isfinite(r["f1@0.50"]) for r in tables["redundancy"])
+    result = run_experiment(None, tmp_path / "quick", quick=True, quiet=True)
+    assert len(result.redundancy) == 5 and len(result.transfer) == 6 and len(result.sequences) == 3
+    assert all(np.isfinite(r["f1@0.50"]) for r in result.redundancy)

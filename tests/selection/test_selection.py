@@ -1,5 +1,5 @@
 """Bins stored in the cache, eq. 2 sampling with largest-remainder rounding, the random baseline, coverage,
-subset files and export, on small caches built with the real cache builder."""
+the Subset record and its file, and export, on small caches built with the real cache builder."""
 
 import json
 import math
@@ -9,27 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dqtool.selection import quantize as sel
+from dqtool.common.errors import InputError
 from dqtool.data.cache import PatchCache
 from dqtool.data.cache_build import build_cache_from_arrays
+from dqtool.features.embed import load_features
+from dqtool.selection import quantize as sel
 from dqtool.selection.coverage import coverage, coverage_reference
-from dqtool.common.errors import InputError
-from dqtool.features.embed import embed_cache, load_features
+from dqtool.selection.subsets import Subset, export_subset, random_subset, subset_total
 from dqtool_kernels.quantization import form_bins_reference
-
-
-def _make_cache(path, n_images=3, labels=True, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    imgs = [(rng.random((48, 40)) * 255).astype(np.uint8) for _ in range(n_images)]
-    labs = [(rng.random((48, 40)) > 0.6).astype(np.uint16) * (k + 1) for k in range(n_images)] if labels else None
-    return build_cache_from_arrays(path, imgs, labs, [f"img{k}" for k in range(n_images)], size=size,
-                                   stride=8)
-
-
-def _with_features(path, features):
-    np.save(path.with_suffix(".npy"), features)
-    embed_cache(path, features_file=path.with_suffix(".npy"))
-    return path
+from factories import noise_cache as _make_cache
+from factories import store_features as _with_features
 
 
 @pytest.fixture()
@@ -45,11 +34,11 @@ def cache(tmp_path):
 
 
 def test_subset_total_rounds_halves_up_on_the_written_decimal():
-    assert sel.subset_total(10, 0.1) == 1
-    assert sel.subset_total(10, 0.25) == 3     # 2.5 -> 3
-    assert sel.subset_total(3, 0.5) == 2       # 1.5 -> 2
-    assert sel.subset_total(100, 0.29) == 29   # 0.29 * 100 is 28.999... in binary
-    assert sel.subset_total(7, 1.0) == 7
+    assert subset_total(10, 0.1) == 1
+    assert subset_total(10, 0.25) == 3     # 2.5 -> 3
+    assert subset_total(3, 0.5) == 2       # 1.5 -> 2
+    assert subset_total(100, 0.29) == 29   # 0.29 * 100 is 28.999... in binary
+    assert subset_total(7, 1.0) == 7
 
 
 def test_largest_remainder_example():
@@ -93,10 +82,10 @@ def test_sample_bins_first_reproduces_seed_code():
 
 
 def test_random_subset():
-    a = sel.random_subset(50, 7, seed=3)
+    a = random_subset(50, 7, seed=3)
     assert len(a) == 7 and len(set(a.tolist())) == 7 and a.min() >= 0 and a.max() < 50
-    assert np.array_equal(a, sel.random_subset(50, 7, seed=3))
-    assert sel.random_subset(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert np.array_equal(a, random_subset(50, 7, seed=3))
+    assert random_subset(5, 5).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_parse_memory():
@@ -130,32 +119,30 @@ def test_select_subset_end_to_end(cache):
     feats = load_features(cache)
     n = len(feats)
     s = sel.select_subset(cache, 0.1, bins=4)
-    for key in ("indices", "bins", "rate", "method", "n_total", "cache", "cache_hash", "config", "coverage"):
-        assert key in s
-    idx = np.array(s["indices"])
+    assert isinstance(s, Subset)
+    idx = s.index_array()
     assert idx.tolist() == sorted(set(idx.tolist())) and idx.min() >= 0 and idx.max() < n
-    assert len(idx) == sel.subset_total(n, 0.1) and s["n_total"] == n
+    assert len(idx) == subset_total(n, 0.1) and s.n_total == n == len(feats) and s.n_selected == len(idx)
     # the bins are eq. 1 exactly (independent float64 reference) and each index carries its bin
     ref = form_bins_reference(feats, 4, "paper")
     bin_of = np.empty(n, int)
     for b, members in enumerate(ref):
         bin_of[members] = b
-    assert s["bins"] == bin_of[idx].tolist()
+    assert list(s.bins) == bin_of[idx].tolist()
     assert [int(np.isin(idx, b).sum()) for b in ref] == sel.largest_remainder_quotas([len(b) for b in ref],
                                                                                        0.1).tolist()
-    assert s["coverage"]["dq"] == coverage(feats, idx).to_dict()
-    assert s["config"]["bins_reused"] is False
-    json.dumps(s)
+    assert s.coverage["dq"] == coverage(feats, idx).to_dict()
+    assert s.config["bins_reused"] is False and s.config["seed"] == 0
 
 
 def test_bins_are_stored_and_reused(cache):
     a = sel.select_subset(cache, 0.2, bins=3, seed=1)
     b = sel.select_subset(cache, 0.05, bins=3, seed=1)
-    assert b["config"]["bins_reused"] is True and b["config"]["bins_group"] == a["config"]["bins_group"]
+    assert b.config["bins_reused"] is True and b.config["bins_group"] == a.config["bins_group"]
     with PatchCache(cache) as c:
-        assert a["config"]["bins_group"] in c.group_names()
+        assert a.config["bins_group"] in c.group_names()
     c2 = sel.select_subset(cache, 0.2, bins=3, gain="biomedseg")
-    assert c2["config"]["bins_group"] != a["config"]["bins_group"]
+    assert c2.config["bins_group"] != a.config["bins_group"]
 
 
 def test_changed_features_invalidate_bins(cache):
@@ -163,20 +150,20 @@ def test_changed_features_invalidate_bins(cache):
     feats = load_features(cache)
     _with_features(cache, feats[::-1].copy())
     b = sel.select_subset(cache, 0.2, bins=3)
-    assert b["config"]["bins_reused"] is False and b["features_hash"] != a["features_hash"]
+    assert b.config["bins_reused"] is False and b.features_hash != a.features_hash
 
 
 def test_random_method_and_rate_extremes(cache):
     n = len(load_features(cache))
     dq = sel.select_subset(cache, 0.3, bins=2, seed=5)
     rnd = sel.select_subset(cache, 0.3, bins=2, seed=5, method="random")
-    assert rnd["n_selected"] == dq["n_selected"]
-    assert rnd["indices"] == sel.random_subset(n, dq["n_selected"], 5).tolist()
-    assert sel.select_subset(cache, 1.0, bins=2)["indices"] == list(range(n))
+    assert rnd.n_selected == dq.n_selected
+    assert list(rnd.indices) == random_subset(n, dq.n_selected, 5).tolist()
+    assert list(sel.select_subset(cache, 1.0, bins=2).indices) == list(range(n))
     with pytest.raises(InputError, match="0 of"):
         sel.select_subset(cache, 0.1 / n)
     first = sel.select_subset(cache, 0.1, bins=2, sampling="first")
-    assert first["config"]["sampling"] == "first"
+    assert first.config["sampling"] == "first"
 
 
 @pytest.mark.parametrize("kwargs, match", [({"rate": 0}, "rate"), ({"rate": 1.5}, "rate"),
@@ -214,11 +201,11 @@ def test_unlabelled_cache_selects_and_exports(tmp_path):
         n = len(c)
     _with_features(path, np.random.default_rng(2).normal(size=(n, 5)).astype(np.float32))
     out = tmp_path / "s.json"
-    sel.write_subset(sel.select_subset(path, 0.2, bins=2), out)
-    csv_path = sel.export_subset(out, tmp_path / "exp")
+    sel.select_subset(path, 0.2, bins=2).write(out)
+    csv_path = export_subset(out, tmp_path / "exp")
     files = sorted(p.name for p in (tmp_path / "exp").iterdir())
     assert "000_img.png" in files and not any(f.endswith("_masks.png") for f in files)
-    assert len(csv_path.read_text().strip().splitlines()) == sel.subset_total(n, 0.2) + 1
+    assert len(csv_path.read_text().strip().splitlines()) == subset_total(n, 0.2) + 1
 
 
 def test_export_cellpose_layout(cache, tmp_path):
@@ -226,11 +213,11 @@ def test_export_cellpose_layout(cache, tmp_path):
 
     out = tmp_path / "s.json"
     subset = sel.select_subset(cache, 0.2, bins=2)
-    sel.write_subset(subset, out)
-    csv_path = sel.export_subset(out, tmp_path / "exp")
+    subset.write(out)
+    csv_path = export_subset(out, tmp_path / "exp")
     rows = csv_path.read_text().strip().splitlines()
     assert rows[0].startswith("image,masks,patch_index,bin,domain,source,y,x")
-    first = subset["indices"][0]
+    first = subset.indices[0]
     assert rows[1].split(",")[:3] == ["000_img.png", "000_masks.png", str(first)]
     with PatchCache(cache) as c:
         np.testing.assert_array_equal(read_image(tmp_path / "exp" / "000_img.png"), c.images([first])[0][..., 0])
@@ -239,24 +226,69 @@ def test_export_cellpose_layout(cache, tmp_path):
         assert rows[1].split(",")[6:8] == [str(y), str(x)]
 
 
-def test_read_subset_checks(cache, tmp_path):
+def test_subset_read_checks(cache, tmp_path):
     out = tmp_path / "s.json"
     subset = sel.select_subset(cache, 0.2, bins=2)
-    sel.write_subset(subset, out)
-    assert sel.read_subset(out, cache)["indices"] == subset["indices"]
-    bad = dict(subset, indices=subset["indices"] + [10**6])
-    sel.write_subset(bad, tmp_path / "bad.json")
+    subset.write(out)
+    assert Subset.read(out, cache) == subset
+    bad = json.loads(subset.to_json())
+    bad["indices"].append(10**6)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(InputError, match=r"bad\.json.*1000000"):
-        sel.read_subset(tmp_path / "bad.json", cache)
-    other = dict(subset, cache_hash="0" * 64)
-    sel.write_subset(other, tmp_path / "other.json")
+        Subset.read(tmp_path / "bad.json", cache)
+    Subset.from_json(subset.to_json().replace(subset.cache_hash, "0" * 64)).write(tmp_path / "other.json")
     with pytest.raises(InputError, match="another cache"):
-        sel.read_subset(tmp_path / "other.json", cache)
+        Subset.read(tmp_path / "other.json", cache)
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(InputError, match="JSON"):
-        sel.read_subset(tmp_path / "junk.json")
+    with pytest.raises(InputError, match=r"junk\.json.*JSON"):
+        Subset.read(tmp_path / "junk.json")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        Subset.read(tmp_path / "missing.json")
     with pytest.raises(InputError, match="outside"):
-        sel.export_subset(tmp_path / "bad.json", tmp_path / "exp2")
+        export_subset(tmp_path / "bad.json", tmp_path / "exp2")
+
+
+@pytest.mark.parametrize("text, match", [("[1, 2]", "'indices' list"), ('{"bins": []}', "'indices' list"),
+                                         ('{"indices": [1, 2.5]}', "integers"),
+                                         ('{"indices": [1, true]}', "integers"),
+                                         ('{"indices": [1], "bins": "x"}', "bins")])
+def test_subset_from_json_refuses(text, match):
+    with pytest.raises(InputError, match=match):
+        Subset.from_json(text, "s.json")
+
+
+def test_subset_refuses_repeated_indices_naming_the_index(cache, tmp_path):
+    """A repeated patch index would train on that patch twice; the old readers let it through."""
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps({"indices": [0, 3, 5, 3], "rate": 0.1}))
+    with pytest.raises(InputError, match=r"dup\.json: patch index 3 appears more than once"):
+        Subset.read(path, cache)
+
+
+def test_subset_json_bytes_and_field_order():
+    """The subset file: the fields in this order, one-space indent, a final newline (``dqtool select``'s bytes)."""
+    s = Subset(indices=np.array([2, 7]), bins=[1, 0], rate=0.1, method="dq", n_total=20, cache="c.h5",
+               cache_hash="ab", features_hash="cd", config={"seed": 0}, coverage=None)
+    assert s.indices == (2, 7) and s.n_selected == 2 and s.version == 1
+    want = ('{\n "version": 1,\n "indices": [\n  2,\n  7\n ],\n "bins": [\n  1,\n  0\n ],\n "rate": 0.1,\n'
+            ' "method": "dq",\n "n_total": 20,\n "n_selected": 2,\n "cache": "c.h5",\n "cache_hash": "ab",\n'
+            ' "features_hash": "cd",\n "config": {\n  "seed": 0\n },\n "coverage": null\n}\n')
+    assert s.to_json() == want
+    assert Subset.from_json(want) == s
+
+
+def test_subset_reads_a_hand_written_file():
+    """Only ``indices`` is needed; n_selected is derived, keys of older files (``seed``) are passed over."""
+    s = Subset.from_json(json.dumps({"indices": [4, 1], "n_selected": 99, "seed": 3}))
+    assert s.indices == (4, 1) and s.n_selected == 2 and s.version is None and s.bins is None
+    assert s.config is None and s.cache_hash is None
+
+
+def test_selection_package_reexports_subsets():
+    import dqtool.selection as selection
+
+    assert selection.Subset is Subset and selection.random_subset is random_subset
+    assert selection.subset_total is subset_total and selection.export_subset is export_subset
 
 
 def test_pca_is_deterministic_and_orthogonal():

@@ -8,9 +8,11 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=['cache', 'cache_build', 'datasets', 'io', 'patches', 'synthetic'],
+    submodules=['cache', 'cache_build', 'datasets', 'io', 'naming', 'patches', 'synthetic'],
     submod_attrs={
-        "io": ['read_image', 'read_labels', 'write_labels', 'relabel_consecutive'],
+        "io": ['read_image', 'read_labels', 'write_labels', 'relabel_consecutive', 'check_label_array'],
+        "naming": ['LABEL_SUFFIXES', 'is_image_file', 'is_label_file', 'is_input_image', 'label_key', 'image_key',
+                   'find_label_file', 'list_input_images'],
         "datasets": ['open_dataset', 'detect_format', 'Dataset', 'Sample', 'FORMATS'],
         "synthetic": ['generate', 'DOMAINS'],
         "patches": ['iter_patches', 'window_starts', 'count_windows', 'EDGE_MODES'],

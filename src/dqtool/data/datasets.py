@@ -7,8 +7,10 @@ Readers for the layouts labs have (REFERENCE.md section 7); ``open_dataset`` pic
 - ``monuseg``: ``Tissue Images/*.tif`` (or ``images/``) + ``Annotations/*.xml`` (or ``annotations/``),
   Aperio XML polygons rasterised into an instance map (see ``rasterise_monuseg``).
 - ``generic``: an images folder (``images/``, ``imgs/``, ``img/``) and a labels folder (``labels/``,
-  ``masks/``, ``gt/``, ``ground_truth/``) matched by file stem; or a bare folder of images (unlabelled).
+  ``masks/``, ``gt/``, ``ground_truth/``); or a bare folder of images, with or without label files beside.
 
+Which file is an image and which is the label of which image is :mod:`dqtool.data.naming`'s one rule
+(label files and Cellpose outputs are never read as images; two label files for one image are an error).
 Samples are read only when ``.image`` / ``.labels`` are touched. Labels come back as consecutive uint32.
 A folder where some images have labels and others don't is an error naming the first image without one.
 """
@@ -25,19 +27,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dqtool.common.errors import InputError
-from dqtool.data.io import IMAGE_SUFFIXES, is_image_file, read_image, read_labels, relabel_consecutive
+from dqtool.common.files import file_sha256
+from dqtool.data.io import read_image, read_labels, relabel_consecutive
+from dqtool.data.naming import (IMAGE_DIRS, IMAGE_STEM_SUFFIX, IMAGE_SUFFIXES, LABEL_DIRS, LabelFolder, image_key,
+                                input_images, is_image_file)
 
 FORMATS = ("cellpose", "neurips", "monuseg", "generic")
-IMAGE_DIRS = ("images", "imgs", "img", "Tissue Images", "tissue_images")
-LABEL_DIRS = ("labels", "masks", "gt", "ground_truth", "annotations", "Annotations")
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -69,8 +64,8 @@ class Sample:
 
     def fingerprint(self) -> str:
         """sha256 of the image and label file bytes (the cache's input hash uses it)."""
-        lab = _digest(self.label_path) if self.label_path else "none"
-        return f"{self.name}|{self.domain}|{_digest(self.image_path)}|{lab}"
+        lab = file_sha256(self.label_path) if self.label_path else "none"
+        return f"{self.name}|{self.domain}|{file_sha256(self.image_path)}|{lab}"
 
 
 @dataclass
@@ -140,10 +135,6 @@ class Dataset(Sequence):
 # layout detection
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-
-
 def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
     for name in names:
         if (root / name).is_dir():
@@ -155,8 +146,13 @@ def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def _is_cellpose_image(path: Path) -> bool:
+    return is_image_file(path) and path.stem.endswith(IMAGE_STEM_SUFFIX)
+
+
 def _cellpose_root(root: Path, split: str) -> Path:
-    if (root / split).is_dir() and any(p.name.rsplit(".", 1)[0].endswith("_img") for p in (root / split).iterdir()):
+    if (root / split).is_dir() and any(p.name.rsplit(".", 1)[0].endswith(IMAGE_STEM_SUFFIX)
+                                       for p in (root / split).iterdir()):
         return root / split
     return root
 
@@ -174,7 +170,7 @@ def detect_format(root: str | os.PathLike, split: str = "train") -> str:
                                   for p in labels.iterdir()):
         return "neurips"
     croot = _cellpose_root(root, split)
-    if any(Path(p).stem.endswith("_img") for p in croot.iterdir() if is_image_file(p)):
+    if any(_is_cellpose_image(p) for p in croot.iterdir()):
         return "cellpose"
     return "generic"
 
@@ -217,29 +213,20 @@ def open_dataset(root: str | os.PathLike, format: str | None = None, domain: str
     return Dataset(samples=samples, root=root, format=fmt)
 
 
+def _samples(images: Sequence[Path], labels: LabelFolder | None, domain: str, name=lambda p: p.stem) -> list[Sample]:
+    return [Sample(name=name(p), domain=domain, image_path=p, label_path=labels.find(p) if labels else None)
+            for p in images]
+
+
 def _read_cellpose(root: Path, domain: str) -> list[Sample]:
-    files = _images_in(root)
-    masks = {p.stem[: -len("_masks")]: p for p in files if p.stem.endswith("_masks")}
-    samples = []
-    for p in files:
-        if not p.stem.endswith("_img"):
-            continue
-        key = p.stem[: -len("_img")]
-        samples.append(Sample(name=key, domain=domain, image_path=p, label_path=masks.get(key)))
-    return samples
+    images = [p for p in input_images(root) if p.stem.endswith(IMAGE_STEM_SUFFIX)]
+    return _samples(images, LabelFolder(root), domain, name=lambda p: image_key(p.stem))
 
 
 def _read_neurips(root: Path, domain: str) -> list[Sample]:
     images = _find_dir(root, ("images",)) or root
     labels = _find_dir(root, ("labels",))
-    by_stem = {}
-    if labels is not None:
-        for p in labels.iterdir():
-            stem = p.name.rsplit(".", 1)[0]
-            if stem.endswith("_label") and is_image_file(p):
-                by_stem[stem[: -len("_label")]] = p
-    return [Sample(name=p.stem, domain=domain, image_path=p, label_path=by_stem.get(p.stem))
-            for p in _images_in(images)]
+    return _samples(input_images(images), LabelFolder(labels) if labels else None, domain)
 
 
 def _read_monuseg(root: Path, domain: str) -> list[Sample]:
@@ -247,25 +234,15 @@ def _read_monuseg(root: Path, domain: str) -> list[Sample]:
     ann = _find_dir(root, ("Annotations", "annotations"))
     xmls = {p.stem: p for p in ann.iterdir() if p.suffix.lower() == ".xml"} if ann else {}
     return [Sample(name=p.stem, domain=domain, image_path=p, label_path=xmls.get(p.stem), label_kind="monuseg-xml")
-            for p in _images_in(images)]
+            for p in input_images(images)]
 
 
 def _read_generic(root: Path, domain: str) -> list[Sample]:
     images = _find_dir(root, IMAGE_DIRS)
-    labels = _find_dir(root, ("labels", "masks", "gt", "ground_truth"))
-    if images is None:  # a bare folder of images: unlabelled
-        return [Sample(name=p.stem, domain=domain, image_path=p) for p in _images_in(root)]
-    by_stem = {}
-    if labels is not None:
-        for p in _images_in(labels):
-            stem = p.stem
-            for suffix in ("_masks", "_mask", "_label", "_labels", "_gt"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            by_stem[stem] = p
-    return [Sample(name=p.stem, domain=domain, image_path=p, label_path=by_stem.get(p.stem))
-            for p in _images_in(images)]
+    if images is None:  # a bare folder of images, with or without label files beside them
+        return _samples(input_images(root), LabelFolder(root), domain)
+    labels = _find_dir(root, LABEL_DIRS)
+    return _samples(input_images(images), LabelFolder(labels) if labels else None, domain)
 
 
 # ----------------------------------------------------------------------------------------------

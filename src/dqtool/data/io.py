@@ -3,7 +3,7 @@
 Images: tif/tiff (tifffile, LZW via imagecodecs), png/jpg/jpeg/bmp (Pillow); 8 or 16 bit; grayscale,
 RGB or RGBA (alpha is dropped). Labels: 2-D integer instance maps, 0 = background, returned as
 consecutive ``uint32`` ids 1..n (order of first appearance is not kept; ids are renumbered in
-ascending order of the original id).
+ascending order of the original id). Which files are images and labels: :mod:`dqtool.data.naming`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dqtool.common.errors import InputError
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    name = Path(path).name
-    return not name.startswith(".") and Path(path).suffix.lower() in IMAGE_SUFFIXES
+from dqtool.common.files import atomic_write
 
 
 def _read_raw(path: Path) -> np.ndarray:
@@ -78,8 +72,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def check_label_array(arr: np.ndarray, name: str = "labels") -> np.ndarray:
-    """Validate an instance label map: 2-D, integer, non-negative. Returns the squeezed array."""
+def check_label_array(arr: np.ndarray, name: str = "labels", negative_ids: bool = True) -> np.ndarray:
+    """Validate an instance label map: 2-D, integer (or bool), non-negative. Returns it as (H, W).
+
+    A trailing channel axis of 1 is dropped; bool becomes uint32. ``negative_ids=False`` skips the
+    search for negative ids (a pass over the pixels) for callers whose kernels find them anyway.
+    """
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -93,7 +91,7 @@ def check_label_array(arr: np.ndarray, name: str = "labels") -> np.ndarray:
             "(0 = background, one id per object)")
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"{name}: unsupported label type {arr.dtype}; expected integers")
-    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+    if negative_ids and np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
         raise InputError(f"{name}: labels contain negative ids (min {int(arr.min())}); expected ids >= 0")
     return arr
 
@@ -101,7 +99,8 @@ def check_label_array(arr: np.ndarray, name: str = "labels") -> np.ndarray:
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     """Renumber an instance map to consecutive uint32 ids 1..n in ascending order of the old id.
 
-    Works on a copy: the input is never changed (Cellpose renumbers in place; we don't).
+    The library's one renumbering (readers, patches, caches, predictions). Works on a copy: the input
+    is never changed (Cellpose renumbers in place; we don't).
     """
     labels = np.asarray(labels)
     if labels.size == 0:
@@ -135,22 +134,18 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     """Write a label map as a compressed TIFF (uint16 when it fits, else uint32), via temp + rename."""
     import tifffile
 
-    path = Path(path)
     labels = np.asarray(labels)
     dtype = np.uint16 if labels.size == 0 or labels.max() < 65536 else np.uint32
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tifffile.imwrite(str(tmp), labels.astype(dtype), compression="zlib")
-    os.replace(tmp, path)
+    with atomic_write(path, ".tif") as tmp:
+        tifffile.imwrite(str(tmp), labels.astype(dtype), compression="zlib")
 
 
 def write_image_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8/uint16 image as PNG via temp + rename."""
     from PIL import Image
 
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, ".png") as tmp:  # the suffix tells Pillow the format
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp)
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

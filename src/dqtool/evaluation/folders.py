@@ -1,14 +1,15 @@
 """Evaluate a folder of predicted label maps against a folder of ground truth (``dqtool eval``).
 
-Pairing follows the layouts users have (REFERENCE.md section 7): a file's key is its stem without
-the label suffix (``_cp_masks``, ``_masks``, ``_mask``, ``_label``, ``_labels``) and then without
-``_img``, so ``001_masks.png`` (Cellpose GT), ``001_img_cp_masks.png`` (Cellpose output),
-``cell_00001_label.tiff`` (NeurIPS) and plain ``001.tif`` pair by ``001`` / ``cell_00001``. When a
-folder holds any file with a label suffix, only those are labels (images, ``_flows.tif`` and the like
-next to them are ignored), and nothing under a folder named ``images`` is a label. Subfolders are domains (``GT/fluo/...`` -> domain ``fluo``; folders named
-``labels``, ``masks``, ``gt``, ``images``, ``pred`` are layout, not domain); files are paired within
-the same subfolder first, then by key alone where that is unique. Labels are read through
-``dqtool.io.read_labels``. A pair that cannot be read or whose shapes differ is reported and the
+Pairing follows the layouts users have (REFERENCE.md section 7) by :mod:`dqtool.data.naming`'s one
+rule: a file's key is its stem without the label suffix (``_cp_masks``, ``_masks``, ``_mask``,
+``_labels``, ``_label``, ``_gt``) and then without ``_img``, so ``001_masks.png`` (Cellpose GT),
+``001_img_cp_masks.png`` (Cellpose output), ``cell_00001_label.tiff`` (NeurIPS) and plain ``001.tif``
+pair by ``001`` / ``cell_00001``. When a folder holds any label file, only those are labels (images
+next to them are ignored); Cellpose outputs (``_flows.tif``...) are never labels, and nothing under an
+images folder (``images``, ``imgs``, ``img``, ``Tissue Images``) is a label. Subfolders are domains
+(``GT/fluo/...`` -> domain ``fluo``; folders named ``labels``, ``masks``, ``gt``, ``images``, ``pred``
+are layout, not domain); files are paired within the same subfolder first, then by key alone where
+that is unique. Labels are read through ``dqtool.data.io.read_labels``. A pair that cannot be read or whose shapes differ is reported and the
 others are still scored.
 
 Writes to ``out``: ``per_image.csv`` (+ .md, .json), ``summary.csv``, ``summary.md`` (readable
@@ -23,34 +24,16 @@ from pathlib import Path
 from typing import Sequence
 
 from dqtool.common.errors import InputError
-from dqtool.data.io import is_image_file, read_labels
-from dqtool.evaluation.metrics import EvaluationResult, evaluate, parse_thresholds, summary_tables
 from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown, write_json, write_table
+from dqtool.data.io import read_labels
+from dqtool.data.naming import IMAGE_DIRS, LABEL_DIRS, is_cellpose_output, is_image_file, is_label_file, label_key
+from dqtool.evaluation.metrics import EvaluationResult, evaluate, parse_thresholds, summary_tables
 
-LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
-IMAGE_SUFFIX = "_img"
-IMAGE_DIRS = {"images", "tissue images"}  # never labels (NeurIPS images/, MoNuSeg "Tissue Images/")
-LAYOUT_DIRS = {"labels", "label", "masks", "mask", "gt", "ground_truth", "images", "pred", "preds",
-               "predictions", "test", "train", "val"}
+#: Folder names that say where a file is in a layout, not which domain it belongs to (lower case).
+LAYOUT_DIRS = {*IMAGE_DIRS, *LABEL_DIRS, "label", "mask", "pred", "preds", "predictions", "test", "train", "val"}
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
-
-
-def _has_label_suffix(stem: str) -> bool:
-    return stem.lower().endswith(LABEL_SUFFIXES)
-
-
-def pairing_key(stem: str) -> str:
-    """'001_img_cp_masks' -> '001'; 'cell_00001_label' -> 'cell_00001'; '001' -> '001'."""
-    low = stem.lower()
-    for suffix in LABEL_SUFFIXES:
-        if low.endswith(suffix):
-            stem, low = stem[: -len(suffix)], low[: -len(suffix)]
-            break
-    if low.endswith(IMAGE_SUFFIX) and len(stem) > len(IMAGE_SUFFIX):
-        stem = stem[: -len(IMAGE_SUFFIX)]
-    return stem
 
 
 @dataclass(frozen=True)
@@ -65,7 +48,7 @@ def find_label_files(root: str | os.PathLike) -> list[LabelFile]:
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and not is_cellpose_output(p)
                    and not any(part.startswith(".") or part.lower() in IMAGE_DIRS
                                for part in p.relative_to(root).parts[:-1]))
     by_folder: dict[Path, list[Path]] = {}
@@ -73,10 +56,10 @@ def find_label_files(root: str | os.PathLike) -> list[LabelFile]:
         by_folder.setdefault(p.parent, []).append(p)
     out = []
     for folder, paths in by_folder.items():
-        if any(_has_label_suffix(p.stem) for p in paths):
-            paths = [p for p in paths if _has_label_suffix(p.stem)]
+        if any(is_label_file(p) for p in paths):
+            paths = [p for p in paths if is_label_file(p)]
         parts = [x for x in folder.relative_to(root).parts if x.lower() not in LAYOUT_DIRS]
-        out += [LabelFile(p, "/".join(parts), pairing_key(p.stem)) for p in paths]
+        out += [LabelFile(p, "/".join(parts), label_key(p.stem)) for p in paths]
     return out
 
 

@@ -43,6 +43,7 @@ from dqtool_kernels import matching as _matching
 
 from dqtool.common.errors import InputError
 from dqtool.common.progress import bar as progress_bar
+from dqtool.data.io import check_label_array
 
 PIXEL_METRICS = ("iou", "dice", "precision", "recall", "accuracy", "pq_proxy")
 INSTANCE_RATIOS = ("precision", "recall", "f1", "accuracy", "mean_matched_iou", "panoptic_quality")
@@ -121,19 +122,8 @@ def instance_scores_from_counts(thresh: float, tp: int, fp: int, fn: int, sum_ma
 def _check_pair(y_true, y_pred, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """2-D integer maps of one shape. Negative ids are found by the kernels' own pass (no extra pass)."""
     where = f"{name}: " if name else ""
-    checked = []
-    for arr, which in ((y_true, "y_true"), (y_pred, "y_pred")):
-        arr = np.asarray(arr)
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim != 2:
-            raise InputError(f"{where}{which}: expected a 2-D instance label map, got shape {arr.shape}")
-        if np.issubdtype(arr.dtype, np.floating):
-            raise InputError(f"{where}{which}: labels are floating point ({arr.dtype}); expected an integer "
-                             "instance map (0 = background, one id per object)")
-        if not (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer)):
-            raise InputError(f"{where}{which}: unsupported label type {arr.dtype}; expected integers")
-        checked.append(arr)
+    checked = [check_label_array(arr, f"{where}{which}", negative_ids=False)
+               for arr, which in ((y_true, "y_true"), (y_pred, "y_pred"))]
     if checked[0].shape != checked[1].shape:
         raise InputError(f"{where}shape mismatch: y_true {checked[0].shape} vs y_pred {checked[1].shape}; "
                          "expected the same 2-D shape")

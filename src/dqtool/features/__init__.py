@@ -11,6 +11,6 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     submodules=['embed', 'mae'],
     submod_attrs={
         "mae": ['MaskedAutoencoderViT', 'MAEConfig', 'CONFIGS'],
-        "embed": ['embed_cache', 'load_features', 'pretrain_mae'],
+        "embed": ['embed_cache', 'load_features', 'pretrain_mae', 'check_features'],
     },
 )

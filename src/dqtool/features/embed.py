@@ -52,7 +52,7 @@ from dqtool.features.mae import (CONFIGS, DEFAULT_CONFIG, MAEConfig, MaskedAutoe
 from dqtool.common.progress import bar
 
 __all__ = ["embed_cache", "load_features", "pretrain_mae", "load_mae_weights", "extract_features",
-           "read_user_features", "auto_epochs", "default_mae_path", "FEATURES_GROUP"]
+           "read_user_features", "check_features", "auto_epochs", "default_mae_path", "FEATURES_GROUP"]
 
 FEATURES_GROUP = "features"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,21 +257,26 @@ def extract_features(model: MaskedAutoencoderViT, cache: PatchCache, batch_size:
     return out
 
 
-def _check_matrix(arr: np.ndarray, n: int, source: str) -> np.ndarray:
+def check_features(arr: np.ndarray, where: str, n_patches: int | None = None, hint: str = "") -> np.ndarray:
+    """The one feature-matrix check: numeric, 2-D (patches, dims) with D >= 1, ``n_patches`` rows when
+    given, every value finite. Returns it as contiguous float32; an InputError names ``where`` and, when
+    given, ends with ``hint`` (what to do)."""
+    arr = np.asarray(arr)
+    tail = f"; {hint}" if hint else ""
     if arr.dtype.kind not in "fiub":
-        raise InputError(f"{source}: features must be numeric, got dtype {arr.dtype}")
+        raise InputError(f"{where}: features must be numeric, got dtype {arr.dtype}{tail}")
     if arr.ndim != 2:
-        raise InputError(f"{source}: features must be a 2-D (patches, dims) array, got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise InputError(f"{source}: {arr.shape[0]} feature rows but the cache has {n} patches")
+        raise InputError(f"{where}: features must be a 2-D (patches, dims) array, got shape {arr.shape}{tail}")
+    if n_patches is not None and arr.shape[0] != n_patches:
+        raise InputError(f"{where}: {arr.shape[0]} feature rows but the cache has {n_patches} patches{tail}")
     if arr.shape[1] < 1:
-        raise InputError(f"{source}: features have 0 dimensions; expected (N, D) with D >= 1")
+        raise InputError(f"{where}: features have 0 dimensions; expected (N, D) with D >= 1{tail}")
     arr = arr.astype(np.float32)
     bad = ~np.isfinite(arr)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"{source}: {int(bad.sum())} non-finite feature values (NaN or inf), first at row "
-                         f"{row}, column {col}; expected finite numbers")
+        raise InputError(f"{where}: {int(bad.sum())} non-finite feature values (NaN or inf), first at row "
+                         f"{row}, column {col}; expected finite numbers{tail}")
     return np.ascontiguousarray(arr)
 
 
@@ -286,7 +291,7 @@ def read_user_features(path: str | os.PathLike, n_patches: int) -> np.ndarray:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
-        return _check_matrix(arr, n_patches, str(path))
+        return check_features(arr, str(path), n_patches)
     if path.suffix.lower() in (".h5", ".hdf5", ".hdf", ".he5"):
         try:
             with h5py.File(path, "r") as h5:
@@ -303,7 +308,7 @@ def read_user_features(path: str | os.PathLike, n_patches: int) -> np.ndarray:
                 arr = h5[key][()]
         except OSError as exc:
             raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
-        return _check_matrix(np.asarray(arr), n_patches, f"{path}:{key}")
+        return check_features(np.asarray(arr), f"{path}:{key}", n_patches)
     raise InputError(f"{path}: features file must be .npy or HDF5 (.h5/.hdf5), got '{path.suffix}'")
 
 
@@ -452,10 +457,7 @@ def load_features(cache, expect_encoder: str | None = None) -> np.ndarray:
         if attrs.get("cache_hash") != c.content_hash:
             raise InputError(f"{c.path}: stored features belong to another cache content (cache hash "
                              f"{attrs.get('cache_hash')!s:.12} != {c.content_hash:.12}); {hint}")
-        if feats.ndim != 2 or feats.shape[0] != len(c):
-            raise InputError(f"{c.path}: stored features have shape {feats.shape}, expected ({len(c)}, D); {hint}")
-        if not np.isfinite(feats).all():
-            raise InputError(f"{c.path}: stored features hold NaN or inf values; {hint}")
+        feats = check_features(feats, str(c.path), len(c), hint)
         if expect_encoder is not None and attrs.get("encoder_hash") != expect_encoder:
             raise InputError(f"{c.path}: stored features come from another encoder; {hint}")
-        return np.asarray(feats, dtype=np.float32)
+        return feats

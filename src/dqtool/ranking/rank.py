@@ -28,7 +28,8 @@ import numpy as np
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.ranking.consistency import adapted_rand, cellprob_to_probability, semantic_consistency
 from dqtool.common.errors import InputError
-from dqtool.data.io import is_image_file, read_image, read_labels, to_gray
+from dqtool.data.io import read_image, read_labels, to_gray
+from dqtool.data.naming import LabelFolder, list_input_images
 from dqtool.ranking.perturb import PERTURBATIONS, bottleneck_dropout, default_strength, perturb_image
 from dqtool.common.progress import bar
 from dqtool.common.tables import format_markdown, write_json, write_table
@@ -106,18 +107,6 @@ class RankResult:
 # Inputs
 # --------------------------------------------------------------------------------------------------
 
-def list_target_images(images: str | os.PathLike) -> list[Path]:
-    root = Path(images)
-    if not root.exists():
-        raise FileNotFoundError(f"{images}: no such file or folder")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.iterdir() if p.is_file() and is_image_file(p)
-        and not p.stem.lower().endswith(("_masks", "_cp_masks", "_label", "_labels", "_flows", "_seg")))
-    if not files:
-        raise InputError(f"{images}: no images found (expected .tif/.png/.jpg/.bmp files)")
-    return files
-
-
 def load_target_images(files: Sequence[Path]) -> list[np.ndarray]:
     """Read every target image; all must share one size and one bit depth (the batch is scored together)."""
     images = [read_image(f) for f in files]
@@ -130,24 +119,6 @@ def load_target_images(files: Sequence[Path]) -> list[np.ndarray]:
             raise InputError(f"{f}: pixel type {img.dtype} differs from {files[0].name} ({first.dtype}); "
                              "rank images of one bit depth")
     return images
-
-
-def find_labels(labels_dir: str | os.PathLike, image: Path) -> Path | None:
-    """The label file of ``image`` in ``labels_dir``: same stem, or stem + _label(s)/_masks/_cp_masks.
-
-    Never the image itself: in a Cellpose-layout folder (``000_img.png`` beside ``000_masks.png``) passed as both
-    ``--images`` and ``--labels``, the same-stem candidate is the image, and ``000_masks.png`` is its label.
-    """
-    root = Path(labels_dir)
-    itself = image.resolve()
-    stem = image.stem[:-4] if image.stem.endswith("_img") else image.stem
-    names = [image.stem, stem, f"{stem}_label", f"{stem}_labels", f"{stem}_masks", f"{stem}_mask"]
-    for name in names:
-        for suffix in (".tif", ".tiff", ".png", ".bmp"):
-            p = root / f"{name}{suffix}"
-            if p.is_file() and p.resolve() != itself:
-                return p
-    return None
 
 
 def normalise_for_model(image: np.ndarray) -> np.ndarray:
@@ -347,7 +318,7 @@ def rank_models(models_dir: str | os.PathLike, images: str | os.PathLike, labels
     if not model_files:
         detail = f"; skipped: {', '.join(Path(f).name + ' (' + r + ')' for f, r in skipped)}" if skipped else ""
         raise InputError(f"{models_dir}: no Cellpose model files found{detail}")
-    files = list_target_images(images)
+    files = list_input_images(images)
     targets = load_target_images(files)
     inputs = [normalise_for_model(img) for img in targets]
     notes = [f"skipped {Path(f).name}: {r}" for f, r in skipped]
@@ -400,8 +371,9 @@ def _read_truth(labels_dir, files: Sequence[Path], targets: Sequence[np.ndarray]
     if not root.is_dir():
         raise FileNotFoundError(f"{labels_dir}: no such labels folder")
     truth, missing, notes = [], [], []
+    folder = LabelFolder(root)
     for f, img in zip(files, targets):
-        p = find_labels(root, f)
+        p = folder.find(f)
         if p is None:
             truth.append(None)
             missing.append(f.name)
@@ -411,8 +383,8 @@ def _read_truth(labels_dir, files: Sequence[Path], targets: Sequence[np.ndarray]
             raise InputError(f"{p}: label map shape {lab.shape} differs from its image {f.name} {img.shape[:2]}")
         truth.append(lab)
     if len(missing) == len(files):
-        raise InputError(f"{labels_dir}: no label file matches any image (looked for <stem>, <stem>_label(s), "
-                         f"<stem>_masks with .tif/.tiff/.png/.bmp)")
+        raise InputError(f"{labels_dir}: no label file matches any image (looked for <name>_masks, _cp_masks, "
+                         "_mask, _label(s), _gt or, in another folder, <name> itself; <name> without _img)")
     if missing:
         notes.append(f"labels missing for {len(missing)} of {len(files)} images ({', '.join(missing)}); "
                      "validation uses the other images")

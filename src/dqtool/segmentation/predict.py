@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
 from dqtool.common.errors import InputError
-from dqtool.data.io import is_image_file, read_image, relabel_consecutive, write_labels
 from dqtool.common.progress import progress
-
-#: File stems that are labels or Cellpose outputs, never inputs to segment.
-_NOT_INPUTS = ("_masks", "_cp_masks", "_label", "_labels", "_flows", "_seg")
+from dqtool.data.io import read_image, relabel_consecutive, write_labels
+from dqtool.data.naming import list_input_images
 
 
 @dataclass(frozen=True)
@@ -31,10 +29,6 @@ class PredictOptions:
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
     batch_size: int = 8
-
-    def to_dict(self) -> dict:
-        return {"channels": list(self.channels), "diameter": self.diameter, "flow_threshold": self.flow_threshold,
-                "cellprob_threshold": self.cellprob_threshold, "batch_size": self.batch_size}
 
 
 def load_model(model: str | os.PathLike):
@@ -62,22 +56,6 @@ def segment(model, image: np.ndarray, options: PredictOptions = PredictOptions()
     return relabel_consecutive(np.asarray(masks))
 
 
-def list_images(images: str | os.PathLike) -> list[Path]:
-    """One image file, or the image files of a folder (sorted; label files and Cellpose outputs skipped)."""
-    root = Path(images)
-    if not root.exists():
-        raise FileNotFoundError(f"{images}: no such file or folder")
-    if root.is_file():
-        if not is_image_file(root):
-            raise InputError(f"{images}: not an image file (expected .tif/.png/.jpg/.bmp)")
-        return [root]
-    files = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)
-                   and not p.stem.lower().endswith(_NOT_INPUTS))
-    if not files:
-        raise InputError(f"{images}: no images found (label files and *_cp_masks are skipped)")
-    return files
-
-
 def mask_name(image_path: str | os.PathLike) -> str:
     """``<name>_cp_masks.tif`` for an image ``<name>.<ext>`` (a Cellpose-layout ``NNN_img`` keeps its stem)."""
     return f"{Path(image_path).stem}_cp_masks.tif"
@@ -93,7 +71,7 @@ def predict_arrays(model, images: Iterable[np.ndarray], options: PredictOptions 
 def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
             options: PredictOptions = PredictOptions(), quiet: bool = False) -> list[Path]:
     """``dqtool predict``: segment every image and write ``out_dir/<name>_cp_masks.tif``; returns the paths."""
-    files = list_images(images)
+    files = list_input_images(images)
     net = load_model(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,10 +82,3 @@ def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
         write_labels(target, masks)
         written.append(target)
     return written
-
-
-def segment_many(model: str | os.PathLike, images: Sequence[np.ndarray],
-                 options: PredictOptions = PredictOptions(), quiet: bool = True) -> list[np.ndarray]:
-    """Masks for a list of in-memory images with the model file ``model``."""
-    net = load_model(model)
-    return list(predict_arrays(net, images, options, total=len(images), quiet=quiet))

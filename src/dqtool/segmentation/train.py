@@ -54,6 +54,7 @@ from dqtool.common.progress import bar
 from dqtool.common.files import atomic_write, atomic_write_text, file_sha256
 from dqtool.segmentation.model_files import build_net, check_model_path, load_state_dict, sidecar_paths
 from dqtool.common.tables import write_json
+from dqtool.selection.subsets import Subset
 
 #: Cellpose's learning rate ramps up linearly over this many epochs (``train_seg``).
 WARMUP_EPOCHS = 10
@@ -577,34 +578,11 @@ def load_patches(cache_path: str | os.PathLike, indices: Sequence[int] | None = 
     return images, labels, provenance
 
 
-def read_subset_indices(subset: str | os.PathLike, cache_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Indices of a subset JSON, checked against the cache (hash and range)."""
-    path = Path(subset)
-    if not path.exists():
-        raise FileNotFoundError(f"{subset}: no such subset file")
-    try:
-        from dqtool.selection.quantize import read_subset
-
-        sub = read_subset(path, cache=cache_path)
-    except ImportError:  # selection module not installed yet: validate here
-        try:
-            sub = json.loads(path.read_text())
-        except ValueError as exc:
-            raise InputError(f"{subset}: not a subset JSON ({exc})") from exc
-    if "indices" not in sub:
-        raise InputError(f"{subset}: no 'indices' in the subset file")
-    idx = np.asarray(sub["indices"], dtype=np.int64)
-    from dqtool.data.cache import PatchCache
-
-    with PatchCache(cache_path) as cache:
-        n = len(cache)
-        if sub.get("cache_hash") and sub["cache_hash"] != cache.content_hash:
-            raise InputError(f"{subset}: selected from a cache with hash {sub['cache_hash']}, but {cache_path} "
-                             f"has {cache.content_hash}")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        bad = int(idx[(idx < 0) | (idx >= n)][0])
-        raise InputError(f"{subset}: patch index {bad} is outside {cache_path} (0..{n - 1})")
-    return idx, {k: sub.get(k) for k in ("method", "rate", "bins", "seed", "config") if k in sub}
+def _subset_provenance(subset: Subset, path: str | os.PathLike) -> dict:
+    """What the model JSON records of its subset: the file, and the method, rate, bins and config it holds."""
+    held = {"method": subset.method, "rate": subset.rate, "bins": subset.bins, "config": subset.config}
+    return {"path": str(Path(path).resolve()),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in held.items() if v is not None}}
 
 
 def train(cache_path: str | os.PathLike, out: str | os.PathLike, subset: str | os.PathLike | None = None,
@@ -612,12 +590,10 @@ def train(cache_path: str | os.PathLike, out: str | os.PathLike, subset: str | o
           stop_after: int | None = None, quiet: bool = False) -> TrainResult:
     """``dqtool train``: Cellpose on the (subset of the) cache's patches, written to ``out``."""
     config = config or TrainConfig()
-    indices, subset_info = (None, None)
-    if subset is not None:
-        indices, subset_info = read_subset_indices(subset, cache_path)
-    images, labels, provenance = load_patches(cache_path, indices)
+    chosen = Subset.read(subset, cache=cache_path) if subset is not None else None
+    images, labels, provenance = load_patches(cache_path, None if chosen is None else chosen.index_array())
     check_channels(config.channels, provenance["n_channels"], str(cache_path))
-    if subset is not None:
-        provenance["subset"] = {"path": str(Path(subset).resolve()), **(subset_info or {})}
+    if chosen is not None:
+        provenance["subset"] = _subset_provenance(chosen, subset)
     return train_patches(images, labels, out, config, init=init, provenance=provenance, resume=resume,
                          stop_after=stop_after, quiet=quiet)

@@ -35,6 +35,7 @@ from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.common.files import atomic_write_text, file_sha256
 from dqtool.segmentation.model_files import check_model_path, load_state_dict
 from dqtool.segmentation.train import TrainConfig, TrainResult, check_channels, load_patches, train_patches
+from dqtool.selection.subsets import Subset, random_subset, subset_total
 
 #: Metrics of the forgetting matrix (``dqtool.metrics`` summary keys, mean over test images).
 DEFAULT_METRICS = ("iou", "f1@0.50", "panoptic_quality@0.50")
@@ -265,15 +266,13 @@ def finetune(init: str | os.PathLike, target: str | os.PathLike, out_dir: str | 
              subset: str | os.PathLike | None = None, evals: Mapping[str, str] | None = None,
              config: TrainConfig | None = None, resume: bool = False, quiet: bool = False) -> TransferResult:
     """Naive finetuning (Tables V, VI): stages "init" (the given model) and "finetune" (trained on ``target``)."""
-    from dqtool.segmentation.train import read_subset_indices
-
     config = config or TrainConfig()
     load_state_dict(init)
     evals = _check_evals(evals)
     spec = {"kind": "finetune", "init": str(check_model_path(init)), "target": _cache_info(target),
             "subset": str(Path(subset).resolve()) if subset else None, "evals": evals, "config": config.to_dict()}
     out_dir = _open_study(out_dir, spec)
-    indices = read_subset_indices(subset, target)[0] if subset else None
+    indices = Subset.read(subset, cache=target).index_array() if subset else None
 
     def data():
         images, labels, provenance = _patches(target, config, indices)
@@ -286,43 +285,45 @@ def finetune(init: str | os.PathLike, target: str | os.PathLike, out_dir: str | 
 
 
 def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int, out_dir: Path,
-                  quiet: bool = True) -> dict:
+                  quiet: bool = True) -> Subset:
     """The source's replay subset, computed once and kept as ``out_dir/source_subset.json``.
 
-    ``method='random'`` draws ``round(rate * N)`` patches uniformly (no features needed); ``'dq'`` uses
-    ``dqtool.selection.select_subset`` on the features stored in the cache (the ones ``dqtool embed`` or
-    a study put there, left as they are), computed by ``dqtool.features.embed_cache`` only when none
-    are stored or they are stale.
+    ``method='random'`` draws ``round(rate * N)`` patches uniformly (no features needed; ``bins``,
+    ``features_hash`` and ``coverage`` stay null); ``'dq'`` uses ``dqtool.selection.select_subset`` on the
+    features stored in the cache (the ones ``dqtool embed`` or a study put there, left as they are),
+    computed by ``dqtool.features.embed_cache`` only when none are stored or they are stale. A subset file
+    already there is reused when its method, rate, seed (in its ``config``) and cache content match.
     """
-    from dqtool.data.cache import PatchCache
-    from dqtool.selection.quantize import random_subset, read_subset, select_subset, subset_total, write_subset
+    from dqtool.data.cache import PatchCache  # h5py
 
     path = out_dir / "source_subset.json"
     with PatchCache(source) as cache:
         n, chash = len(cache), cache.content_hash
     if path.exists():
-        old = read_subset(path, cache=source)
-        if (old.get("method"), old.get("rate"), old.get("seed"), old.get("cache_hash")) == (method, rate, seed, chash):
+        old = Subset.read(path, cache=source)
+        if (old.method, old.rate, (old.config or {}).get("seed"), old.cache_hash) == (method, rate, seed, chash):
             return old
     if method == "random":
         total = subset_total(n, rate)
         if total == 0:
             raise InputError(f"--source-rate {rate} selects no patch of the {n} in {source}")
-        indices = np.sort(random_subset(n, total, seed))
-        subset = {"indices": indices.tolist(), "rate": rate, "method": "random", "seed": seed, "n_total": n,
-                  "n_selected": int(indices.size), "cache": str(Path(source).resolve()), "cache_hash": chash}
+        subset = Subset(indices=random_subset(n, total, seed), rate=rate, method="random", n_total=n,
+                        cache=str(Path(source).resolve()), cache_hash=chash,
+                        config={"rate": rate, "method": "random", "seed": seed,
+                                "rounding": "total round(rate*N) with halves up"})
     elif method == "dq":
+        # torch and numba (the MAE and the bins kernel) load only for a DQ replay
         from dqtool.features.embed import embed_cache, load_features
+        from dqtool.selection.quantize import select_subset
 
         try:  # the features already in the cache (from `dqtool embed` or a study): never replace them here
             load_features(source)
         except InputError:
             embed_cache(source, seed=seed, quiet=quiet)
         subset = select_subset(source, rate, method="dq", seed=seed, quiet=quiet)
-        subset["seed"] = seed
     else:
         raise InputError(f"source method {method!r}: expected 'dq' or 'random'")
-    write_subset(subset, path)
+    subset.write(path)
     return subset
 
 
@@ -343,7 +344,7 @@ def replay(init: str | os.PathLike, source: str | os.PathLike, target: str | os.
 
     def data():
         subset = source_subset(source, source_rate, source_method, config.seed, out_dir, quiet=quiet)
-        s_img, s_lab, s_prov = _patches(source, config, subset["indices"])
+        s_img, s_lab, s_prov = _patches(source, config, subset.index_array())
         t_img, t_lab, t_prov = _patches(target, config)
         provenance = {"source": {**s_prov, "rate": source_rate, "method": source_method,
                                  "subset": str(out_dir / "source_subset.json")},

@@ -8,8 +8,9 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=['coverage', 'plots', 'quantize'],
+    submodules=['coverage', 'plots', 'quantize', 'subsets'],
     submod_attrs={
+        "subsets": ['Subset', 'random_subset', 'subset_total', 'export_subset'],
         "quantize": ['select_subset', 'select_to_files', 'sample_bins', 'load_or_form_bins'],
         "coverage": ['coverage', 'Coverage'],
         "plots": ['plot_selection'],

@@ -16,33 +16,30 @@
 3. ``method="random"``: T patches uniformly at random from all N with ``default_rng(seed)``, T being the
    size the DQ subset would have; the baseline every DQ subset is compared with.
 
-The subset is a JSON dict (:func:`select_subset`, :func:`write_subset`, :func:`read_subset`) with the sorted
-patch ``indices``, the ``bins`` of those indices, the options, and coverage numbers
-(:mod:`dqtool.coverage`) of the DQ subset next to the random one of the same size.
+The result is a :class:`dqtool.selection.subsets.Subset` (:func:`select_subset`) with the sorted patch
+``indices``, the ``bins`` of those indices, the options, and coverage numbers (:mod:`dqtool.selection.coverage`)
+of the DQ subset next to the random one of the same size; :func:`select_to_files` writes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from dqtool_kernels.quantization import DEFAULT_MEMORY, GAINS, bin_sizes, form_bins
 
-from dqtool.data.cache import PatchCache
-from dqtool.selection.coverage import coverage
 from dqtool.common.errors import InputError
 from dqtool.common.progress import bar
-from dqtool.common.files import atomic_write_text
+from dqtool.data.cache import PatchCache
+from dqtool.selection.coverage import coverage
+from dqtool.selection.subsets import Subset, exact_rate, random_subset, subset_total
 
 METHODS = ("dq", "random")
 SAMPLINGS = ("random", "first")
-SUBSET_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,19 +94,10 @@ def _check_options(method, gain, sampling, seed):
 # sampling (eq. 2)
 
 
-def _exact(rate: float) -> Fraction:
-    return Fraction(repr(float(rate)))  # the decimal the user wrote, not its binary neighbour
-
-
-def subset_total(n: int, rate: float) -> int:
-    """T = round(rate * N), halves rounded up."""
-    return math.floor(_exact(rate) * n + Fraction(1, 2))
-
-
 def largest_remainder_quotas(sizes, rate: float) -> np.ndarray:
     """Per-bin counts q_n summing to round(rate * N): floor(rate*|S_n|), then +1 by largest remainder."""
     sizes = [int(s) for s in sizes]
-    r = _exact(rate)
+    r = exact_rate(rate)
     exact = [r * s for s in sizes]
     quotas = [math.floor(e) for e in exact]
     left = subset_total(sum(sizes), rate) - sum(quotas)
@@ -130,29 +118,14 @@ def sample_bins(bins: list[np.ndarray], rate: float, seed: int = 0, sampling: st
     return np.sort(np.concatenate(picked).astype(np.int64)) if picked else np.zeros(0, np.int64)
 
 
-def random_subset(n: int, total: int, seed: int = 0) -> np.ndarray:
-    """The random baseline: ``total`` of ``n`` patches uniformly without replacement, sorted."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=int(total), replace=False).astype(np.int64))
-
-
 # ----------------------------------------------------------------------------------------------
 # features and bins stored in the cache
 
 
 def _load_features(cache: PatchCache) -> np.ndarray:
-    from dqtool.features.embed import load_features
+    from dqtool.features.embed import load_features  # torch, only when features are read
 
-    feats = load_features(cache)
-    if feats.ndim != 2 or feats.shape[0] != len(cache):
-        raise InputError(f"{cache.path}: features of shape {feats.shape} do not match the cache's "
-                         f"{len(cache)} patches; run `dqtool embed {cache.path}`")
-    bad = ~np.isfinite(feats)
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise InputError(f"{cache.path}: stored features hold {int(bad.sum())} NaN or inf values (first at "
-                         f"patch {row}); run `dqtool embed {cache.path}` again")
-    return feats
+    return load_features(cache)  # checked there by features.embed.check_features: (N, D), finite
 
 
 def features_hash(features: np.ndarray) -> str:
@@ -200,13 +173,13 @@ def load_or_form_bins(cache: PatchCache, features: np.ndarray, bins: int = 10, g
 
 
 def select_subset(cache_path, rate, method: str = "dq", bins: int = 10, gain: str = "paper", seed: int = 0,
-                  sampling: str = "random", memory=None, quiet: bool = True) -> dict:
+                  sampling: str = "random", memory=None, quiet: bool = True) -> Subset:
     """Select a fraction ``rate`` of the cache's patches by dataset quantization (or at random).
 
-    Returns the subset as a JSON-ready dict: ``indices`` (sorted), ``bins`` (DQ bin of each index),
-    ``rate``, ``method``, ``n_total``, ``n_selected``, ``cache``, ``cache_hash``, ``features_hash``,
-    ``config`` (every option), ``coverage`` ({'dq': ..., 'random': ...}: covering radius and mean
-    nearest-selected distance of the DQ subset and of the random subset of the same size and seed).
+    Returns the :class:`Subset`: ``indices`` (sorted), ``bins`` (DQ bin of each index), ``rate``,
+    ``method``, ``n_total``, ``n_selected``, ``cache``, ``cache_hash``, ``features_hash``, ``config``
+    (every option), ``coverage`` ({'dq': ..., 'random': ...}: covering radius and mean nearest-selected
+    distance of the DQ subset and of the random subset of the same size and seed).
     """
     return _select(cache_path, rate, method, bins, gain, seed, sampling, memory, quiet)[0]
 
@@ -235,24 +208,22 @@ def _select(cache_path, rate, method, bins, gain, seed, sampling, memory, quiet)
     bin_of = np.empty(n, dtype=np.int64)
     for b, members in enumerate(dq_bins):
         bin_of[members] = b
-    subset = {
-        "version": SUBSET_VERSION,
-        "indices": indices.tolist(),
-        "bins": bin_of[indices].tolist(),
-        "rate": rate,
-        "method": method,
-        "n_total": n,
-        "n_selected": int(indices.size),
-        "cache": cache_file,
-        "cache_hash": cache_hash,
-        "features_hash": features_hash(features),
-        "config": {"rate": rate, "method": method, "bins": int(bins), "gain": gain, "seed": int(seed),
-                   "sampling": sampling, "memory": memory_bytes, "lambda": 1.0,
-                   "rounding": "largest remainder, total round(rate*N) with halves up" if sampling == "random"
-                   else "first max(1, int(len*rate)) of each bin in greedy order",
-                   "bins_group": info["group"], "bins_reused": info["reused"], "bins_path": info["path"]},
-        "coverage": {"dq": coverage(features, dq).to_dict(), "random": coverage(features, rnd).to_dict()},
-    }
+    subset = Subset(
+        indices=indices,
+        bins=bin_of[indices],
+        rate=rate,
+        method=method,
+        n_total=n,
+        cache=cache_file,
+        cache_hash=cache_hash,
+        features_hash=features_hash(features),
+        config={"rate": rate, "method": method, "bins": int(bins), "gain": gain, "seed": int(seed),
+                "sampling": sampling, "memory": memory_bytes, "lambda": 1.0,
+                "rounding": "largest remainder, total round(rate*N) with halves up" if sampling == "random"
+                else "first max(1, int(len*rate)) of each bin in greedy order",
+                "bins_group": info["group"], "bins_reused": info["reused"], "bins_path": info["path"]},
+        coverage={"dq": coverage(features, dq).to_dict(), "random": coverage(features, rnd).to_dict()},
+    )
     return subset, features, dq, rnd, bin_of
 
 
@@ -262,10 +233,10 @@ def _out_for_rate(out: Path, rate: float, several: bool) -> Path:
 
 def select_to_files(cache_path, rates, out, plot_dir=None, method: str = "dq", bins: int = 10,
                     gain: str = "paper", seed: int = 0, sampling: str = "random", memory=None,
-                    quiet: bool = True) -> list[tuple[Path, dict]]:
+                    quiet: bool = True) -> list[tuple[Path, Subset]]:
     """``dqtool select``: one subset per rate (bins formed once), written to ``out`` (``out_rate<r>.json``
-    when several rates are given), plus Fig. 2/3-like PNGs in ``plot_dir``. Nothing is written unless every
-    rate succeeds."""
+    when several rates are given), plus Fig. 2/3-like PNGs in ``plot_dir``; returns (path, subset) per rate.
+    Nothing is written unless every rate succeeds."""
     rates = [check_rate(r) for r in rates]
     if not rates:
         raise InputError("give at least one rate")
@@ -279,105 +250,16 @@ def select_to_files(cache_path, rates, out, plot_dir=None, method: str = "dq", b
     written = []
     for rate, (subset, *_) in zip(rates, results):
         path = _out_for_rate(out, rate, several)
-        write_subset(subset, path)
+        subset.write(path)
         written.append((path, subset))
     if plot_dir is not None:
         from dqtool.selection.plots import plot_selection
 
         for rate, (subset, features, dq, rnd, bin_of) in zip(rates, results):
             suffix = f"_rate{rate:g}" if several else ""
-            plot_selection(subset["cache"], features, dq, rnd, bin_of, plot_dir, suffix=suffix)
+            plot_selection(subset.cache, features, dq, rnd, bin_of, plot_dir, suffix=suffix)
     return written
 
 
-def write_subset(subset: dict, path) -> Path:
-    """Write the subset JSON (temp file + rename, so a crash never leaves half a file)."""
-    return atomic_write_text(path, json.dumps(subset, indent=1) + "\n")
-
-
-def read_subset(path, cache=None) -> dict:
-    """Read a subset JSON; with ``cache`` (path or PatchCache), check it was selected on that cache's content
-    and that every index lies inside it (InputError naming the file and the bad index)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such subset file")
-    try:
-        subset = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON subset file ({exc})") from exc
-    if not isinstance(subset, dict) or not isinstance(subset.get("indices"), list):
-        raise InputError(f"{path}: expected a JSON object with an 'indices' list (written by `dqtool select`)")
-    idx = subset["indices"]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-        raise InputError(f"{path}: 'indices' must be integers")
-    if cache is not None:
-        opened = cache if isinstance(cache, PatchCache) else PatchCache(cache)
-        try:
-            n, chash, cpath = len(opened), opened.content_hash, opened.path
-        finally:
-            if opened is not cache:
-                opened.close()
-        bad = [i for i in idx if i < 0 or i >= n]
-        if bad:
-            raise InputError(f"{path}: patch index {bad[0]} is outside the cache {cpath} (0..{n - 1})")
-        if subset.get("cache_hash") not in (None, chash):
-            raise InputError(f"{path}: selected on another cache content (hash {subset['cache_hash']:.12}), "
-                             f"not {cpath} (hash {chash:.12})")
-    return subset
-
-
-def subset_cache_path(subset: dict, subset_path) -> Path:
-    """The cache a subset was selected on (relative paths are taken from the subset file's folder)."""
-    p = Path(subset.get("cache", ""))
-    if not p.is_absolute() and not p.exists():
-        p = Path(subset_path).parent / p
-    return p
-
-
-def export_subset(subset_path, out_dir, cache_path=None, quiet: bool = True) -> Path:
-    """``dqtool export``: the subset's patches as Cellpose-layout files for annotation or training.
-
-    Writes ``NNN_img.png`` (uint8, gray or RGB as cached) and, when the cache has labels, ``NNN_masks.png``
-    (uint16 instance ids) for NNN = 000, 001, ... in index order, plus ``subset_patches.csv`` mapping each
-    file to its patch index, bin, domain, source image and (y, x) offset. Returns the CSV path.
-    """
-    import csv
-    import io
-
-    from dqtool.data.io import write_image_png
-    from dqtool.common.progress import progress
-
-    subset = read_subset(subset_path)
-    cache_file = Path(cache_path) if cache_path is not None else subset_cache_path(subset, subset_path)
-    out_dir = Path(out_dir)
-    with PatchCache(cache_file) as cache:
-        read_subset(subset_path, cache)  # index and content checks against this cache
-        idx = np.asarray(subset["indices"], dtype=np.int64)
-        bins_of = subset.get("bins") or [None] * len(idx)
-        width = max(3, len(str(max(len(idx) - 1, 0))))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for k in progress(range(len(idx)), total=len(idx), desc="export", quiet=quiet):
-            i = int(idx[k])
-            stem = f"{k:0{width}d}"
-            img = cache.images([i])[0]
-            write_image_png(out_dir / f"{stem}_img.png", img[..., 0] if img.shape[-1] == 1 else img)
-            mask_name = ""
-            if cache.has_labels:
-                mask_name = f"{stem}_masks.png"
-                write_image_png(out_dir / mask_name, cache.labels([i])[0].astype(np.uint16))
-            y, x = (int(v) for v in cache.offsets[i])
-            rows.append({"image": f"{stem}_img.png", "masks": mask_name, "patch_index": i, "bin": bins_of[k],
-                         "domain": str(cache.domain_of_patch[i]), "source": str(cache.source_of_patch[i]),
-                         "y": y, "x": x, "size": cache.patch_size})
-    buf = io.StringIO()
-    fields = ["image", "masks", "patch_index", "bin", "domain", "source", "y", "x", "size"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(out_dir / "subset_patches.csv", buf.getvalue())
-
-
-__all__ = ["select_subset", "select_to_files", "write_subset", "read_subset", "export_subset", "sample_bins",
-           "largest_remainder_quotas", "subset_total", "random_subset", "load_or_form_bins", "parse_memory",
-           "features_hash", "bins_group_name"]
+__all__ = ["select_subset", "select_to_files", "sample_bins", "largest_remainder_quotas", "load_or_form_bins",
+           "parse_memory", "features_hash", "bins_group_name"]

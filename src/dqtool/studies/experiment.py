@@ -11,24 +11,28 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``).
 
 Tables go to ``OUT/tables/*.{csv,md,json}``, the Fig. 1 plot to ``OUT/fig1_rate_curve.png`` and a
-Markdown summary to ``OUT/report.md``, rewritten after every step. A killed study continues where it
-stopped when run again with the same config (each training resumes from its last checkpoint). ``QUICK`` is a built-in config for the embedded synthetic
-domains, sized for a 2-core CPU (27 min measured with nothing else running).
+Markdown summary to ``OUT/report.md``, rewritten after every step; :func:`run_experiment` returns the tables
+as an :class:`ExperimentResult`. A killed study continues where it stopped when run again with the same
+config (each training resumes from its last checkpoint). ``QUICK`` is a built-in config for the embedded
+synthetic domains, sized for a 2-core CPU (27 min measured with nothing else running).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.errors import InputError
+from dqtool.common.figures import pyplot, save_figure
+from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
+from dqtool.selection.subsets import random_subset, subset_total
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
 QUICK = {
@@ -53,6 +57,27 @@ QUICK = {
 DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "targets": [],
             "rates": [0.05, 0.1, 0.25, 0.5], "methods": ["dq", "random"], "embed_epochs": None,
             "replay_rates": [0.05], "replay_method": "dq", "sequences": []}
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """The tables of a study (rows as written to ``OUT/tables/<name>.{csv,md,json}``) and its folder."""
+
+    out: Path
+    source_model: Path  # the all-patches model of the source domain, the start of every transfer
+    redundancy: list[dict] = field(default_factory=list)  # Table I / Fig. 1: one row per (method, rate)
+    zero_shot: list[dict] = field(default_factory=list)  # Table IV: the source model on every test domain
+    transfer: list[dict] = field(default_factory=list)  # Tables V, VI, VIII: finetuning and replay per target
+    sequences: list[dict] = field(default_factory=list)  # Table VII: after each stage of each sequence
+
+    def tables(self) -> dict[str, list[dict]]:
+        """{table name: rows} of the tables the study filled."""
+        names = ("redundancy", "zero_shot", "transfer", "sequences")
+        return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "source_model": str(self.source_model), **self.tables()}
+
 
 _KEYS = {"data", "domains", "seed", "patch", "train", "source", "targets", "rates", "methods", "embed_epochs",
          "replay_rates", "replay_method", "sequences", "metrics"}
@@ -144,8 +169,9 @@ def plot_rate_curve(rows: list[dict], path: Path, metric: str, full: float | Non
 
 
 def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.PathLike, quick: bool = False,
-                   quiet: bool = False) -> dict:
-    """Run the study; returns {table name: rows} and writes the tables, Fig. 1 and ``report.md``."""
+                   quiet: bool = False) -> ExperimentResult:
+    """Run the study (``quick``: the built-in :data:`QUICK` config); writes the tables, Fig. 1 and
+    ``report.md`` and returns them as an :class:`ExperimentResult`."""
     if quick:
         config = dict(QUICK)
     elif config is None:
@@ -168,14 +194,12 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
     tables: dict[str, list[dict]] = {}
 
     # 2. redundancy curve on the source
-    from dqtool.selection.quantize import random_subset, select_subset, subset_total
-
-    from dqtool.data.cache import PatchCache
+    from dqtool.data.cache import PatchCache  # h5py
 
     with PatchCache(caches[source]) as c:
         n_source = len(c)
     if "dq" in config["methods"]:
-        from dqtool.features.embed import embed_cache
+        from dqtool.features.embed import embed_cache  # torch and the MAE, for DQ only
 
         embed_cache(caches[source], epochs=config.get("embed_epochs"), seed=tconf.seed, quiet=quiet)
     runs = [("all", 1.0)] + [(m, float(r)) for r in config["rates"] for m in config["methods"]]
@@ -184,9 +208,11 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
         if method == "all":
             indices = np.arange(n_source)
         elif method == "dq":
-            indices = np.asarray(select_subset(caches[source], rate, method="dq", seed=tconf.seed)["indices"])
+            from dqtool.selection.quantize import select_subset  # numba and torch (the bins kernel), for DQ only
+
+            indices = select_subset(caches[source], rate, method="dq", seed=tconf.seed).index_array()
         else:
-            indices = np.sort(random_subset(n_source, subset_total(n_source, rate), tconf.seed))
+            indices = random_subset(n_source, subset_total(n_source, rate), tconf.seed)
         images, labels, provenance = load_patches(caches[source], indices)
         provenance.update(method=method, rate=rate)
         model = out / "models" / "redundancy" / f"{source}_{method}_{rate:g}"
@@ -238,7 +264,7 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
         tables["sequences"] = seq_rows
         _emit(out, tables, config)
     _emit(out, tables, config)
-    return tables
+    return ExperimentResult(out=out, source_model=source_model, **tables)
 
 
 def _emit(out: Path, tables: dict, config: dict) -> None:
@@ -257,6 +283,4 @@ def _report(out: Path, tables: dict, config: dict) -> Path:
               "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md"}
     for name, rows in tables.items():
         parts.append(f"\n## {titles.get(name, name)}\n\n" + format_markdown(rows))
-    path = out / "report.md"
-    path.write_text("".join(parts))
-    return path
+    return atomic_write_text(out / "report.md", "".join(parts))

@@ -7,10 +7,20 @@ images with :func:`dqtool.rank.rank_models` once with bottleneck dropout and onc
 perturbation, with the target labels for validation. It reports, per perturbation and consistency
 score (adapted Rand, NHD, effective invariance), Pearson (raw), Spearman and Kendall (ranks) against
 each model's F1 at IoU 0.5 and mean accuracy over 0.5:0.95, with permutation-test p-values. Every random choice (data, subsets, training, dropout, noise) is seeded.
+
+The budget comes from :data:`PRESETS`: ``"default"`` (the 8 models of :data:`DEFAULT_BANK`, 16 patches per
+epoch, 6 target test images) or ``"quick"`` (the 6 models of :data:`QUICK_BANK`, 8 patches per epoch, 4 test
+images); ``dqtool rank-study [--quick]`` is ``rank_study(out, quick=...)``.
+
+A member's patches at ``rate`` < 1 are the random baseline of :mod:`dqtool.selection.subsets`:
+round(rate * N) patches, halves rounded up, drawn with ``default_rng(seed)``. (Until this was shared the
+bank rounded with Python's ``round`` and took at least one patch, so N = 5 at rate 0.5 gave 2 patches,
+now 3; the presets' banks, 48 patches per domain at rates 0.25 and 0.1, draw the same patches either way.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -19,12 +29,17 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.errors import InputError
+from dqtool.common.figures import pyplot, save_figure
+from dqtool.common.files import atomic_write_bytes
 from dqtool.common.progress import progress
 from dqtool.common.tables import write_json, write_table
+from dqtool.data.synthetic import DOMAINS, generate
+from dqtool.ranking.rank import rank_models
+from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
+from dqtool.selection.subsets import random_subset, subset_total
 
-__all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "rank_study"]
+__all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "StudyBudget", "PRESETS", "RankStudyResult", "rank_study"]
 
 
 @dataclass(frozen=True)
@@ -54,16 +69,55 @@ QUICK_BANK = (
 )
 
 
-def _subset(n: int, rate: float, seed: int) -> np.ndarray:
-    k = max(1, int(round(rate * n)))
-    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+@dataclass(frozen=True)
+class StudyBudget:
+    """The size of a ranking study: the bank, its training budget and the embedded data generated."""
+
+    members: tuple[BankMember, ...] = DEFAULT_BANK
+    bsize: int = 64  # training crop (px)
+    nimg_per_epoch: int = 16  # patches per epoch
+    n_train: int = 12  # generated train images per domain
+    n_test: int = 6  # generated test images per domain (the target's are ranked on)
+    size: int = 336  # generated image side (px)
+
+
+#: The two budgets of ``dqtool rank-study`` (``--quick``: a smaller CPU budget).
+PRESETS = {
+    "default": StudyBudget(),
+    "quick": StudyBudget(members=QUICK_BANK, nimg_per_epoch=8, n_test=4),
+}
+
+
+@dataclass(frozen=True)
+class RankStudyResult:
+    """The study's summary; ``to_dict()`` is ``study_summary.json``."""
+
+    target: str
+    members: list[str]  # bank member names, in training order
+    rows: list[dict]  # one per model, best F1 first: F1, accuracy, and per perturbation rank and scores
+    correlations: list[dict]  # per perturbation and consistency score, against F1 and accuracy
+    timing: dict  # perturbation -> the ranking's timing
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "members": self.members, "rows": self.rows,
+                "correlations": self.correlations, "timing": self.timing}
+
+
+def member_indices(n: int, member: BankMember, seed: int = 0) -> np.ndarray:
+    """The patches (of ``n``) a member trains on: all at rate 1, else the random baseline of
+    round(rate * n) patches, halves up (:func:`dqtool.selection.subsets.subset_total`)."""
+    if member.rate >= 1:
+        return np.arange(n)
+    total = subset_total(n, member.rate)
+    if total == 0:
+        raise InputError(f"bank member {member.name}: rate {member.rate} selects no patch of {n}")
+    return random_subset(n, total, seed)
 
 
 def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nimg_per_epoch: int = 16,
                seed: int = 0, quiet: bool = True) -> list[Path]:
     """Train each member (skipped when its model file exists); returns the model paths."""
-    from dqtool.data.cache_build import build_cache_from_folders
-    from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
+    from dqtool.data.cache_build import build_cache_from_folders  # h5py
 
     caches = out / "caches"
     models = out / "bank"
@@ -78,7 +132,7 @@ def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nim
         cache = caches / f"{member.domain}.h5"
         build_cache_from_folders([data / member.domain], cache, domains=[member.domain], split="train", quiet=True)
         images, labels, provenance = load_patches(cache)
-        idx = _subset(len(images), member.rate, seed) if member.rate < 1 else np.arange(len(images))
+        idx = member_indices(len(images), member, seed)
         provenance = {**provenance, "rate": member.rate, "n_selected": int(len(idx))}
         config = TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
                              nimg_per_epoch=nimg_per_epoch, seed=seed)
@@ -126,29 +180,36 @@ def plot_study(rows: list[dict], perturbations, path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BANK,
-               perturbations=("dropout", "noise"), bsize: int = 64, nimg_per_epoch: int = 16, seed: int = 0,
-               n_train: int = 12, n_test: int = 6, size: int = 336, quiet: bool = True) -> dict:
-    """Build the bank, rank it on ``target``/test with each perturbation, correlate with F1; returns the summary."""
-    from dqtool.ranking.rank import rank_models
-    from dqtool.data.synthetic import generate
+def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False, members=None,
+               perturbations=("dropout", "noise"), bsize: int | None = None, nimg_per_epoch: int | None = None,
+               seed: int = 0, n_train: int | None = None, n_test: int | None = None, size: int | None = None,
+               quiet: bool = True) -> RankStudyResult:
+    """Build the bank, rank it on ``target``/test with each perturbation, correlate with F1.
 
+    The budget is ``PRESETS["quick" if quick else "default"]``; ``members``, ``bsize``,
+    ``nimg_per_epoch``, ``n_train``, ``n_test`` and ``size`` given here replace the preset's. Writes
+    ``study.{csv,md,json}``, ``study_correlations.*``, ``study_summary.json`` and ``study.png`` in ``out``.
+    """
+    overrides = {"members": members, "bsize": bsize, "nimg_per_epoch": nimg_per_epoch, "n_train": n_train,
+                 "n_test": n_test, "size": size}
+    budget = dataclasses.replace(PRESETS["quick" if quick else "default"],
+                                 **{k: v for k, v in overrides.items() if v is not None})
     out = Path(out)
-    from dqtool.data.synthetic import DOMAINS
-
     if target not in DOMAINS:
         raise InputError(f"target {target!r}: expected one of the embedded domains {', '.join(DOMAINS)}")
-    data = generate(out / "data", seed=seed, n_train=n_train, n_test=n_test, size=size, quiet=quiet)
-    build_bank(data, out, members, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed, quiet=quiet)
+    data = generate(out / "data", seed=seed, n_train=budget.n_train, n_test=budget.n_test, size=budget.size,
+                    quiet=quiet)
+    build_bank(data, out, budget.members, bsize=budget.bsize, nimg_per_epoch=budget.nimg_per_epoch, seed=seed,
+               quiet=quiet)
     images = data / target / "test"
     target_images = out / "target" / "images"
     target_labels = out / "target" / "labels"
     target_images.mkdir(parents=True, exist_ok=True)
     target_labels.mkdir(parents=True, exist_ok=True)
     for p in sorted(images.glob("*_img.png")):  # the unlabelled view a user has, and its labels apart
-        (target_images / p.name).write_bytes(p.read_bytes())
-        (target_labels / p.name.replace("_img", "_masks")).write_bytes(
-            (images / p.name.replace("_img", "_masks")).read_bytes())
+        atomic_write_bytes(target_images / p.name, p.read_bytes())
+        atomic_write_bytes(target_labels / p.name.replace("_img", "_masks"),
+                           (images / p.name.replace("_img", "_masks")).read_bytes())
     results = {}
     for pert in perturbations:
         results[pert] = rank_models(out / "bank", target_images, labels=target_labels, perturbation=pert,
@@ -174,8 +235,8 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", members=DEFAULT_BAN
             correlations.append({"perturbation": pert, **c})
     write_table(rows, out / "study")
     write_table(correlations, out / "study_correlations")
-    summary = {"target": target, "members": [m.name for m in members], "rows": rows, "correlations": correlations,
-               "timing": {p: r.timing for p, r in results.items()}}
-    write_json(out / "study_summary.json", summary)
+    summary = RankStudyResult(target=target, members=[m.name for m in budget.members], rows=rows,
+                              correlations=correlations, timing={p: r.timing for p, r in results.items()})
+    write_json(out / "study_summary.json", summary.to_dict())
     plot_study(rows, list(perturbations), out / "study.png")
     return summary
