@@ -4,7 +4,8 @@
     python tools/import_graph.py --check    # exit 1 on a cycle, an import against the layers, or > 8 floors
 
 Read from the source with ``ast`` (nothing is imported). Every import statement counts, at module level
-or inside a function. A package's ``lazy_loader.attach`` re-exports count as imports of its submodules.
+or inside a function. A package's lazy re-exports (``lazy_loader.attach_stub`` over its ``__init__.pyi``) count as imports of
+its submodules.
 Floor 0 imports no project module; a module's floor is one more than the highest floor it imports.
 Layers: ``dqtool_cli`` -> ``dqtool`` -> ``dqtool_kernels``, never the other way.
 """
@@ -57,12 +58,10 @@ def imports_of(module: str, path: Path, known: dict) -> set[str]:
             else:
                 stem = node.module or ""
             names = [f"{stem}.{a.name}" if f"{stem}.{a.name}" in known else stem for a in node.names]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "attach"):
-            names = []
-            for kw in node.keywords:
-                if kw.arg in ("submodules", "submod_attrs"):
-                    value = ast.literal_eval(kw.value)
-                    names += [f"{module}.{m}" for m in value]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "attach_stub"):
+            stub = ast.parse(path.with_suffix(".pyi").read_text())
+            names = [f"{module}.{n.module}" for n in stub.body if isinstance(n, ast.ImportFrom) and n.level == 1]
         else:
             continue
         for name in names:

@@ -15,9 +15,11 @@ from dqtool.data.cache import PatchCache
 from dqtool.data.cache_build import build_cache_from_arrays
 from dqtool.data.datasets import open_dataset
 from dqtool.common.errors import InputError
-from dqtool.features.embed import (FEATURES_GROUP, auto_epochs, embed_cache, extract_features, load_features,
-                             load_mae_weights, read_user_features, to_model_input)
-from dqtool.features.mae import CONFIGS, encoder_hash
+from dqtool.features import mae, pretrain
+from dqtool.features.embed import embed_cache, extract_features, read_user_features
+from dqtool.features.mae import CONFIGS, encoder_hash, to_model_input
+from dqtool.features.pretrain import auto_epochs, load_mae_weights
+from dqtool.features.store import FEATURES_GROUP, check_features, load_features
 from dqtool_cli.main import cli
 
 FAST = dict(epochs=1, batch_size=8, seed=0)  # 12 patches -> 2 pretraining steps
@@ -48,7 +50,7 @@ def test_to_model_input_gray_replication_resize_and_standardisation():
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (2, 224, 224, 1), dtype=np.uint8)
     x = to_model_input(gray, cfg).numpy()
-    mean, std = np.array(features.IMAGENET_MEAN), np.array(features.IMAGENET_STD)
+    mean, std = np.array(mae.IMAGENET_MEAN), np.array(mae.IMAGENET_STD)
     for ch in range(3):  # same gray value in each channel, standardised per channel
         np.testing.assert_allclose(x[:, ch], (gray[..., 0] / 255.0 - mean[ch]) / std[ch], atol=1e-6)
     np.testing.assert_array_equal(x, to_model_input(gray.astype(np.float32) / 255.0, cfg).numpy())
@@ -89,7 +91,7 @@ def test_default_embed_trains_saves_reuses_and_stores(cache_path, monkeypatch):
         np.testing.assert_array_equal(extract_features(model, c, batch_size=5), feats)
         arrays, attrs = c.read_group(FEATURES_GROUP)
         assert attrs["cache_hash"] == c.content_hash
-        assert attrs["encoder_hash"] == encoder_hash(model, features.FEATURE_RECIPE)
+        assert attrs["encoder_hash"] == encoder_hash(model, mae.FEATURE_RECIPE)
         assert attrs["encoder_source"] == "default" and attrs["config"] == "mae_tiny_patch16"
     np.testing.assert_array_equal(load_features(cache_path), feats)
 
@@ -118,7 +120,7 @@ def test_same_seed_same_bytes_other_seed_other_model(tmp_path, real_images):
 
 def test_pretraining_lowers_the_loss(cache_path):
     with PatchCache(cache_path) as c:
-        _, losses = features.pretrain_mae(c, epochs=3, seed=0, batch_size=12)
+        _, losses = pretrain.pretrain_mae(c, epochs=3, seed=0, batch_size=12)
     assert losses[-1] < losses[0]
 
 
@@ -297,4 +299,4 @@ def test_stored_features_pass_the_user_features_check(cache_path):
     with pytest.raises(InputError, match=r"c\.h5: features have 0 dimensions.*dqtool embed"):
         load_features(cache_path)
     with pytest.raises(InputError, match=r"where: 3 feature rows but the cache has 4"):
-        features.check_features(np.ones((3, 2)), "where", 4)
+        check_features(np.ones((3, 2)), "where", 4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dqtool.common.errors import InputError
-from dqtool.features.embed import load_mae_weights
+from dqtool.features.pretrain import load_mae_weights
 from dqtool.features.mae import (CONFIGS, MAEConfig, MaskedAutoencoderViT, config_from_state_dict, encoder_hash,
                         encoder_state_dict, sincos_pos_embed_2d)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dqtool.common.errors import InputError
 from dqtool.data.cache import PatchCache
 from dqtool.data.cache_build import build_cache_from_arrays
-from dqtool.features.embed import load_features
+from dqtool.features.store import load_features
 from dqtool.selection import quantize as sel
 from dqtool.selection.coverage import coverage, coverage_reference
 from dqtool.selection.subsets import Subset, export_subset, random_subset, subset_total

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dqtool.common.errors import InputError
+
 __all__ = [
     "MAEConfig",
     "CONFIGS",
@@ -346,3 +348,31 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> MAEConfig | None:
                 (width, depth, patch, tokens):
             return config
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the encoder's input
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Changing anything in the preprocessing or pooling must change this string (it is part of the hash).
+FEATURE_RECIPE = "x/255; gray->3ch; bilinear-antialias to img_size; imagenet mean/std; no mask; mean patch tokens"
+
+
+def to_model_input(patches: np.ndarray, config: MAEConfig) -> torch.Tensor:
+    """uint8 or [0, 1] float patches (n, S, S, C) -> standardised float32 (n, 3, img, img); see
+    :mod:`dqtool.features.embed` for the mapping."""
+    x = torch.from_numpy(np.ascontiguousarray(patches))
+    x = (x.float() / 255.0) if x.dtype == torch.uint8 else x.float()
+    x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, config.in_chans, -1, -1)
+    elif x.shape[1] != config.in_chans:
+        raise InputError(f"patches have {x.shape[1]} channels; the encoder takes 1 (replicated) or "
+                         f"{config.in_chans}")
+    if x.shape[-1] != config.img_size or x.shape[-2] != config.img_size:
+        x = F.interpolate(x, size=(config.img_size, config.img_size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()

@@ -313,7 +313,8 @@ def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int
                                 "rounding": "total round(rate*N) with halves up"})
     elif method == "dq":
         # torch and numba (the MAE and the bins kernel) load only for a DQ replay
-        from dqtool.features.embed import embed_cache, load_features
+        from dqtool.features.embed import embed_cache
+        from dqtool.features.store import load_features
         from dqtool.selection.quantize import select_subset
 
         try:  # the features already in the cache (from `dqtool embed` or a study): never replace them here

@@ -35,6 +35,7 @@ from dqtool_kernels.quantization import DEFAULT_MEMORY, GAINS, bin_sizes, form_b
 from dqtool.common.errors import InputError
 from dqtool.common.progress import bar
 from dqtool.data.cache import PatchCache
+from dqtool.features.store import load_features
 from dqtool.selection.coverage import coverage
 from dqtool.selection.subsets import Subset, exact_rate, random_subset, subset_total
 
@@ -122,12 +123,6 @@ def sample_bins(bins: list[np.ndarray], rate: float, seed: int = 0, sampling: st
 # features and bins stored in the cache
 
 
-def _load_features(cache: PatchCache) -> np.ndarray:
-    from dqtool.features.embed import load_features  # torch, only when features are read
-
-    return load_features(cache)  # checked there by features.embed.check_features: (N, D), finite
-
-
 def features_hash(features: np.ndarray) -> str:
     f = np.ascontiguousarray(features, dtype=np.float32)
     return hashlib.sha256(f"{f.shape}".encode() + f.tobytes()).hexdigest()
@@ -195,7 +190,7 @@ def _select(cache_path, rate, method, bins, gain, seed, sampling, memory, quiet)
             raise InputError(f"{cache.path}: the cache holds no patches")
         if not isinstance(bins, (int, np.integer)) or bins < 1 or bins > n:
             raise InputError(f"bins must be between 1 and the number of patches ({n}), got {bins}")
-        features = _load_features(cache)
+        features = load_features(cache)
         dq_bins, info = load_or_form_bins(cache, features, int(bins), gain, memory_bytes, quiet)
         cache_hash = cache.content_hash
         cache_file = str(cache.path)

@@ -1,0 +1,6 @@
+"""Public names of ``dqtool.studies`` (read by lazy_loader.attach_stub; also for type checkers)."""
+
+from .experiment import run_experiment
+from .rank_study import rank_study
+
+__all__ = ['run_experiment', 'rank_study']
