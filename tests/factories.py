@@ -9,11 +9,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def touching_cells(shape, n, seed, background="holes", dtype=np.uint32):
+def label_map_pairs(dtype=np.int32, max_id=5, width=10, max_height=12):
+    """Hypothesis strategy: pairs of small random label maps (same shape), ids 0..max_id."""
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    return st.integers(2, max_height).flatmap(
+        lambda h: st.tuples(hnp.arrays(dtype, (h, width), elements=st.integers(0, max_id)),
+                            hnp.arrays(dtype, (h, width), elements=st.integers(0, max_id))))
+
+
+def touching_cells(shape, n, seed, background="holes", dtype=np.uint32, gap=0.25):
     """Voronoi-like touching instances from ``n`` random seeds (nearest-seed labelling), ids 1..n.
 
     ``background``: 'holes' sets 5 % of the pixels, at random, to 0; 'gaps' sets to 0 the pixels
-    farther from their seed than a quarter of the mean cell area (background between cells).
+    farther from their seed (squared distance) than ``gap`` times the mean cell area (background between cells).
     """
     rng = np.random.default_rng(seed)
     pts = rng.uniform(0, 1, size=(n, 2)) * np.array(shape)
@@ -23,7 +33,7 @@ def touching_cells(shape, n, seed, background="holes", dtype=np.uint32):
     if background == "holes":
         lab[rng.uniform(size=shape) < 0.05] = 0
     elif background == "gaps":
-        lab[d.min(axis=-1) > (shape[0] * shape[1] / n) * 0.25] = 0
+        lab[d.min(axis=-1) > (shape[0] * shape[1] / n) * gap] = 0
     else:
         raise ValueError(f"background must be 'holes' or 'gaps', got {background!r}")
     return lab

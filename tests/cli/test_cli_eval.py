@@ -14,16 +14,11 @@ from dqtool.data.naming import label_key
 from dqtool.evaluation.folders import find_label_files, pair_folders
 from dqtool.data.io import read_labels
 from dqtool_cli.main import cli
+from factories import touching_cells
 
 
 def cells(shape, n, seed):
-    rng = np.random.default_rng(seed)
-    pts = rng.uniform(0, 1, size=(n, 2)) * np.array(shape)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    d = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
-    lab = (np.argmin(d, axis=-1) + 1).astype(np.uint16)
-    lab[d.min(axis=-1) > shape[0] * shape[1] / n * 0.3] = 0
-    return lab
+    return touching_cells(shape, n, seed, background="gaps", dtype=np.uint16, gap=0.3)
 
 
 def damaged(y, seed):

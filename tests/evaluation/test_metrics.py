@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from cellpose.metrics import average_precision
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import dice as dice_dissimilarity
 from scipy.spatial.distance import jaccard as jaccard_dissimilarity
 from stardist.matching import matching, matching_dataset
@@ -16,6 +14,11 @@ from stardist.matching import matching, matching_dataset
 from dqtool.evaluation import metrics
 from dqtool.common.errors import InputError
 from dqtool.data.io import read_labels
+from factories import label_map_pairs, touching_cells
+
+
+def gapped_cells(shape, n, seed):
+    return touching_cells(shape, n, seed, background="gaps", dtype=np.int32)
 
 # cellpose's own 0/0 on empty-vs-empty (its AP is NaN there) is expected, not our warning.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
@@ -24,16 +27,6 @@ THRESHOLDS = (0.1, 0.3, 0.5, 0.55, 0.6, 0.75, 0.9)
 STARDIST_FIELDS = {"tp": "tp", "fp": "fp", "fn": "fn", "precision": "precision", "recall": "recall",
                    "f1": "f1", "accuracy": "accuracy", "n_true": "n_true", "n_pred": "n_pred",
                    "mean_matched_iou": "mean_matched_score", "panoptic_quality": "panoptic_quality"}
-
-
-def touching_cells(shape, n, seed):
-    rng = np.random.default_rng(seed)
-    pts = rng.uniform(0, 1, size=(n, 2)) * np.array(shape)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    d = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
-    lab = (np.argmin(d, axis=-1) + 1).astype(np.int32)
-    lab[d.min(axis=-1) > (shape[0] * shape[1] / n) * 0.25] = 0  # background between cells
-    return lab
 
 
 def perturb(y, seed):
@@ -100,7 +93,7 @@ def assert_equals_cellpose(y_true, y_pred, thresholds=THRESHOLDS):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_synthetic_predictions_equal_stardist_and_cellpose(seed):
-    y_true = touching_cells((120, 150), 70, seed)
+    y_true = gapped_cells((120, 150), 70, seed)
     y_pred = perturb(y_true, seed + 10)
     ours = assert_equals_stardist(y_true, y_pred)
     assert_equals_cellpose(y_true, y_pred)
@@ -139,7 +132,7 @@ def test_tie_exactly_at_threshold():
 
 
 def test_non_consecutive_and_large_ids_equal_stardist():
-    y_true = touching_cells((80, 80), 30, seed=7)
+    y_true = gapped_cells((80, 80), 30, seed=7)
     y_pred = perturb(y_true, 8)
     lut = np.zeros(y_true.max() + 1, np.int64)
     lut[1:] = 1_000_003 + 7 * np.arange(1, y_true.max() + 1) ** 2
@@ -153,7 +146,7 @@ def test_non_consecutive_and_large_ids_equal_stardist():
 
 def test_empty_images_and_all_background_predictions():
     z = np.zeros((20, 20), np.uint16)
-    y = touching_cells((20, 20), 6, seed=9)
+    y = gapped_cells((20, 20), 6, seed=9)
     for pair in ((z, z), (y, z), (z, y)):
         assert_equals_stardist(*pair)
         assert_equals_cellpose(*pair)
@@ -179,11 +172,7 @@ def test_one_huge_instance_against_many_small():
     assert ours[THRESHOLDS.index(0.75)].tp == 1
 
 
-label_maps = st.integers(2, 12).flatmap(
-    lambda h: st.tuples(
-        hnp.arrays(np.int32, (h, 10), elements=st.integers(0, 5)),
-        hnp.arrays(np.int32, (h, 10), elements=st.integers(0, 5)),
-    ))
+label_maps = label_map_pairs(np.int32, max_id=5, width=10, max_height=12)
 
 
 @settings(max_examples=120, deadline=None)
@@ -205,7 +194,7 @@ def test_random_label_maps_equal_stardist_and_cellpose(pair):
 
 def test_pixel_scores_equal_scipy_and_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    y_true = touching_cells((90, 110), 40, seed=11)
+    y_true = gapped_cells((90, 110), 40, seed=11)
     y_pred = perturb(y_true, 12)
     t, p = (y_true > 0).ravel(), (y_pred > 0).ravel()
     s = metrics.pixel_scores(y_true, y_pred)
@@ -286,7 +275,7 @@ def test_parse_thresholds_forms():
 def dataset(n=6):
     pairs = []
     for k in range(n):
-        y_true = touching_cells((64, 80), 25, seed=20 + k)
+        y_true = gapped_cells((64, 80), 25, seed=20 + k)
         pairs.append((f"img{k}", "fluo" if k < 4 else "histo", y_true, perturb(y_true, 40 + k)))
     return pairs
 

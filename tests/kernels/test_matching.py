@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from dqtool_kernels import matching as m
-from factories import touching_cells
+from factories import label_map_pairs, touching_cells
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0)
 
@@ -151,11 +149,7 @@ def test_bad_calls_raise():
         m.overlap(np.zeros((3, 3), np.uint8), np.zeros((3, 3), np.uint8), method="cuda")
 
 
-label_maps = st.integers(2, 14).flatmap(
-    lambda h: st.tuples(
-        hnp.arrays(np.uint16, (h, 9), elements=st.integers(0, 6)),
-        hnp.arrays(np.uint16, (h, 9), elements=st.integers(0, 6)),
-    ))
+label_maps = label_map_pairs(np.uint16, max_id=6, width=9, max_height=14)
 
 
 @settings(max_examples=150, deadline=None)
