@@ -9,7 +9,17 @@
   the ratio of the two times (target >= 200x).
 - ``test_coverage_vs_cdist``: the fused distance + row-min against torch.cdist(...).min(1).
 - ``test_bins_multiinst_size`` (only with DQTOOL_BENCH_LARGE=1): N = 128,458 (the paper's MultiInst count),
-  D = 768, running-sum path; reports time and peak memory (target: completes within 8 GB).
+  D = 768, default path; reports time and peak memory (target: completes within 8 GB).
+- ``test_bins_search_vs_gram``: the exact pruned search (the default CPU path) against the Gram path in the
+  same run, N = 10,063, D = 768, paper gain, seeded clustered and isotropic float32 features: identical
+  bins, the ratio (target: search <= 0.2 s) and the candidates touched per pick.
+- ``test_bins_search_vs_running`` (DQTOOL_BENCH_LARGE=1): both paths at the same N (DQTOOL_BENCH_RUNNING_N,
+  default 40,000, where the running path finishes in minutes), then the search alone at N = 128,458
+  (targets: <= 20 s, >= 100x the running path).
+- ``test_kcenter_size`` (DQTOOL_BENCH_LARGE=1): farthest-first traversal, N = 128,458, D = 768, rate 0.1
+  (target <= 60 s), row entries computed per pick.
+- ``test_dq_gain_vs_submodlib`` (needs ``submodlib-py``): GraphCut greedy of submodlib (dense kernel
+  0.5 + 0.5 cos, lambda 1) against the first bin of ``--gain dq`` at N = 10,063: identical picks and the ratio.
 """
 
 from __future__ import annotations
@@ -136,3 +146,128 @@ def test_coverage_vs_cdist(benchmark):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     benchmark.extra_info.update(cdist_seconds=round(cdist_seconds, 3),
                                 ratio=round(cdist_seconds / benchmark.stats.stats.min, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# the exact pruned search (default CPU path) against today's Gram and running-sum paths and submodlib
+
+
+def clustered_features(n: int, d: int = 768, clusters: int = 64, seed: int = 0) -> np.ndarray:
+    """Seeded synthetic float32 features: ``clusters`` Gaussian centres N(0, I), per-cluster spread in
+    [0.3, 1.0], generated in place (no float64 copy)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)).astype(np.float32)
+    label = rng.integers(0, clusters, n)
+    spread = rng.uniform(0.3, 1.0, clusters).astype(np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, 8192):
+        hi = min(n, lo + 8192)
+        x[lo:hi] = rng.standard_normal(size=(hi - lo, d), dtype=np.float32)
+        x[lo:hi] *= spread[label[lo:hi], None]
+        x[lo:hi] += centres[label[lo:hi]]
+    return x
+
+
+def isotropic_features(n: int, d: int = 768, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(size=(n, d), dtype=np.float32)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _warm_up():
+    small = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+    for gain in ("paper", "dq", "biomedseg"):
+        form_bins(small, 2, gain)
+        form_bins(small, 2, gain, cpu_path="gram")
+        form_bins(small, 2, gain, cpu_path="running")
+
+
+def test_bins_search_vs_gram(benchmark):
+    from dqtool_kernels.quantization import _form_bins_search
+
+    _warm_up()
+    n = 10_063
+    report = {}
+    for name, make in (("clustered", clustered_features), ("isotropic", isotropic_features)):
+        x = make(n)
+        gram, gram_seconds = _timed(lambda x=x: form_bins(x, 10, "paper", cpu_path="gram")[0])
+        stats: dict = {}
+        search, search_seconds = _timed(lambda x=x, stats=stats: _form_bins_search(x, 10, "paper", stats=stats))
+        assert all(np.array_equal(a, b) for a, b in zip(search, gram))
+        report[name] = {"search_seconds": round(search_seconds, 3), "gram_seconds": round(gram_seconds, 3),
+                        "ratio": round(gram_seconds / search_seconds, 1),
+                        "touched_per_pick": round(stats["touched_per_pick"], 1)}
+    x = clustered_features(n)
+    benchmark.pedantic(lambda: form_bins(x, 10, "paper"), rounds=3, iterations=1)
+    benchmark.extra_info.update(n=n, d=768, best_search_seconds=round(benchmark.stats.stats.min, 3), **report)
+
+
+@pytest.mark.skipif(os.environ.get("DQTOOL_BENCH_LARGE") != "1", reason="set DQTOOL_BENCH_LARGE=1 (minutes)")
+def test_bins_search_vs_running(benchmark):
+    from dqtool_kernels.quantization import _form_bins_search
+
+    _warm_up()
+    n_both = int(os.environ.get("DQTOOL_BENCH_RUNNING_N", "40000"))
+    x = clustered_features(n_both)
+    stats = {}
+    search, search_seconds = _timed(lambda: _form_bins_search(x, 10, "paper", stats=stats))
+    running, running_seconds = _timed(lambda: form_bins(x, 10, "paper", cpu_path="running")[0])
+    assert all(np.array_equal(a, b) for a, b in zip(search, running))
+    del x
+    x = clustered_features(128_458)
+    big_stats = {}
+    benchmark.pedantic(lambda: _form_bins_search(x, 10, "paper", stats=big_stats), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        n_both=n_both, search_seconds=round(search_seconds, 2), running_seconds=round(running_seconds, 1),
+        ratio=round(running_seconds / search_seconds, 1), touched_per_pick=round(stats["touched_per_pick"], 1),
+        n_large=128_458, large_seconds=round(benchmark.stats.stats.min, 2),
+        large_touched_per_pick=round(big_stats["touched_per_pick"], 1))
+
+
+@pytest.mark.skipif(os.environ.get("DQTOOL_BENCH_LARGE") != "1", reason="set DQTOOL_BENCH_LARGE=1 (minutes)")
+def test_kcenter_size(benchmark):
+    from dqtool_kernels.kcenter import _first_pick, _kcenter_cpu, kcenter
+
+    kcenter(np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32), 5)
+    n = 128_458
+    x = clustered_features(n)
+    stats = {}
+    k = round(0.1 * n)
+    first = _first_pick(x, None, None)
+    picks = benchmark.pedantic(lambda: _kcenter_cpu(x, k, first, stats=stats), rounds=1, iterations=1)
+    assert len(np.unique(picks)) == k
+    benchmark.extra_info.update(n=n, k=k, seconds=round(benchmark.stats.stats.min, 1),
+                                row_entries_per_pick=round(stats["row_entries_per_pick"], 1))
+
+
+def test_dq_gain_vs_submodlib(benchmark):
+    """submodlib's GraphCut: gain(x | X) = sum_V s(x, i) - lambda (2 sum_X s(x, j) + s(x, x)); with
+    s = 0.5 + 0.5 cos and lambda = 1 that is DQ's gain minus the constant s(x, x) = 1 (no zero rows here)."""
+    submodlib = pytest.importorskip("submodlib")
+    from dqtool_kernels.quantization import _form_bins_search
+
+    n = 10_063
+    x = clustered_features(n)
+    form_bins(x[:64], 2, "dq")
+    ours, ours_seconds = _timed(lambda: form_bins(x, 10, "dq")[0][0])      # default path (gram here)
+    search_first, search_seconds = _timed(lambda: _form_bins_search(x, 10, "dq")[0])
+    assert np.array_equal(search_first, ours)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = 0.5 + 0.5 * (unit @ unit.T)          # float32 N x N: submodlib's dense kernel input
+    objective = submodlib.GraphCutFunction(n=n, mode="dense", lambdaVal=1, ggsijs=sim)
+    greedy, theirs_seconds = _timed(lambda: objective.maximize(
+        budget=len(ours), optimizer="NaiveGreedy", stopIfZeroGain=False, stopIfNegativeGain=False,
+        verbose=False, show_progress=False))
+    theirs = np.array([i for i, _ in greedy], dtype=np.int64)
+    same = int(np.sum(theirs == ours))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(n=n, picks=len(ours), ours_seconds=round(ours_seconds, 3),
+                                search_seconds=round(search_seconds, 3),
+                                submodlib_seconds=round(theirs_seconds, 2),
+                                ratio=round(theirs_seconds / ours_seconds, 1), identical_prefix=int(np.argmax(theirs != ours)) if (theirs != ours).any() else len(ours),
+                                same_positions=same)
+    assert np.array_equal(theirs, ours)

@@ -7,9 +7,9 @@ import torch
 from dqtool_kernels import quantization as q
 from dqtool_kernels.distances import sq_distances_reference
 
-# (device, memory budget): the Gram path, the running-sum path, and the Triton kernels (interpreter)
-PATHS = [("cpu", None), ("cpu", 0), ("triton", None)]
-PATH_IDS = ["gram", "running", "triton"]
+# (device, memory budget, CPU path): the Gram, running-sum and exact-search CPU paths, and the Triton kernels (interpreter)
+PATHS = [("cpu", None, "gram"), ("cpu", 0, "running"), ("cpu", None, "search"), ("triton", None, None)]
+PATH_IDS = ["gram", "running", "search", "triton"]
 
 
 def _same(a, b):
@@ -76,7 +76,7 @@ def test_random_features(gain, path):
     n = 23 if path[0] == "triton" else 45   # the interpreter costs ~10 ms per program instance
     x = rng.normal(size=(n, 19)).astype(np.float32)   # N, D not multiples of any block
     want = q.form_bins_reference(x, 4, gain)
-    got, _ = q.form_bins(x, 4, gain, device=path[0], memory=path[1])
+    got, _ = q.form_bins(x, 4, gain, device=path[0], memory=path[1], cpu_path=path[2])
     assert _same(got, want)
 
 
@@ -85,31 +85,31 @@ def test_random_features(gain, path):
 def test_ties_duplicates_zero_vectors(gain, path):
     x = _integer_ties(n=25 if path[0] == "triton" else 37)
     want = q.form_bins_reference(x, 5, gain)
-    got, _ = q.form_bins(x, 5, gain, device=path[0], memory=path[1])
+    got, _ = q.form_bins(x, 5, gain, device=path[0], memory=path[1], cpu_path=path[2])
     assert _same(got, want)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_all_identical_goes_in_index_order(path):
     x = np.ones((9, 4), dtype=np.float32)
-    got, _ = q.form_bins(x, 2, "paper", device=path[0], memory=path[1])
+    got, _ = q.form_bins(x, 2, "paper", device=path[0], memory=path[1], cpu_path=path[2])
     assert _same(got, [np.arange(5), np.arange(5, 9)])
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_single_patch_and_one_bin_per_patch(path):
-    got, _ = q.form_bins(np.zeros((1, 3), np.float32), 1, "paper", device=path[0], memory=path[1])
+    got, _ = q.form_bins(np.zeros((1, 3), np.float32), 1, "paper", device=path[0], memory=path[1], cpu_path=path[2])
     assert _same(got, [np.array([0])])
     x = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
-    got, _ = q.form_bins(x, 6, "biomedseg", device=path[0], memory=path[1])
+    got, _ = q.form_bins(x, 6, "biomedseg", device=path[0], memory=path[1], cpu_path=path[2])
     assert _same(got, q.form_bins_reference(x, 6, "biomedseg"))
 
 
 def test_gram_and_running_agree_at_moderate_n():
     rng = np.random.default_rng(11)
     x = rng.normal(size=(600, 48)).astype(np.float32)
-    gram, p1 = q.form_bins(x, 10, "paper", device="cpu")
-    running, p2 = q.form_bins(x, 10, "paper", device="cpu", memory=0)
+    gram, p1 = q.form_bins(x, 10, "paper", device="cpu", cpu_path="gram")
+    running, p2 = q.form_bins(x, 10, "paper", device="cpu", memory=0, cpu_path="running")
     assert (p1, p2) == ("gram", "running")
     assert _same(gram, running)
 
@@ -118,7 +118,7 @@ def test_tensor_input_and_progress():
     x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
     calls = []
     got, path = q.form_bins(x, 3, progress=calls.append)
-    assert path == "gram" and len(calls) == 20
+    assert path == "search" and len(calls) == 20
     assert _same(got, q.form_bins_reference(x.numpy(), 3, "paper"))
 
 
