@@ -21,7 +21,8 @@ from .common import LazyChoice, LibraryConstant, is_quiet, quiet_option, seed_op
 @seed_option("Seed of the generator.")
 @click.option("--n-train", type=click.IntRange(1), default=12, show_default=True, help="Train images per domain.")
 @click.option("--n-test", type=click.IntRange(1), default=6, show_default=True, help="Test images per domain.")
-@click.option("--force", is_flag=True, help="Regenerate even when the folder's MANIFEST matches.")
+@click.option("--force", is_flag=True,
+              help="Regenerate even when the folder's MANIFEST matches (a folder holding other files is refused).")
 @quiet_option
 @user_errors
 def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
@@ -49,18 +50,22 @@ def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
               show_default=True, help="Per-image intensity normalisation to uint8.")
 @click.option("--compression", type=LazyChoice("dqtool.data.cache:COMPRESSIONS"),
               default=LibraryConstant("dqtool.data.cache:DEFAULT_COMPRESSION"), show_default=True)
-@click.option("--force", is_flag=True, help="Rebuild even when the cache matches.")
+@click.option("--force", is_flag=True,
+              help="Rebuild even when the cache matches, or when the rebuild drops its features, bins or subsets "
+                   "(only a cache dqtool wrote is ever replaced).")
+@click.option("--level", type=click.IntRange(0), default=0, show_default=True,
+              help="OME-Zarr sources: the resolution level to cut (0 = full resolution).")
 @quiet_option
 @user_errors
 def patches_cmd(sources, out, domains, fmt, split, size, stride, edge, channels, normalisation, compression,
-                force, quiet):
+                force, quiet, level):
     """Cut sliding-window patches from image folders SRC... into an HDF5 cache."""
     from dqtool.data.cache_build import PatchOptions, build_cache_from_folders
 
     options = PatchOptions(size=size, stride=stride, edge=edge, channels=channels, normalisation=normalisation,
                            compression=compression)
     report = build_cache_from_folders(sources, out, domains=domains, format=fmt, split=split, options=options,
-                                      force=force, quiet=is_quiet(quiet))
+                                      force=force, quiet=is_quiet(quiet), level=level)
     per = ", ".join(f"{d}: {n}" for d, n in report.per_domain.items())
     why = f" ({report.reason})" if report.reason and report.action != "built" else ""
     click.echo(f"{report.path}: {report.action}{why}; {report.n_patches} patches [{per}]")

@@ -11,33 +11,53 @@ from .common import LazyChoice, is_quiet, quiet_option, seed_option, user_errors
 _STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
 
 
+class PerturbationList(click.ParamType):
+    """``dropout,noise``: known perturbations, each listed once (the library's check, exit 2 here)."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        from dqtool.common.errors import InputError
+        from dqtool.ranking.rank import parse_perturbations
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_perturbations(value)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @click.command("rank")
 @click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--images", required=True, type=click.Path(exists=True),
-              help="Unlabelled target images (a folder of one size and bit depth, or one file).")
+              help="Unlabelled target images (a folder of one bit depth, any sizes, or one file).")
 @click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
               help="Optional label folder: validates the ranking against F1 and mean accuracy.")
-@click.option("--perturb", "perturbation", type=click.Choice(PERTURBATIONS), default="dropout", show_default=True,
-              help="dropout: channel dropout at CPnet's bottleneck; others perturb the normalised input.")
-@click.option("--strength", type=float, default=None, help=f"Perturbation strength (defaults: {_STRENGTHS}).")
+@click.option("--perturb", "perturbations", type=PerturbationList(), default="dropout", show_default=True,
+              help=f"One or a comma list of {', '.join(PERTURBATIONS)}; dropout: channel dropout at CPnet's "
+                   "bottleneck, others perturb the normalised input. A list shares the network passes and "
+                   "writes one ranking per perturbation into OUT/<perturbation>/.")
+@click.option("--strength", default=None,
+              help=f"Perturbation strength, one per perturbation, comma-separated (defaults: {_STRENGTHS}).")
 @click.option("--score", type=LazyChoice("dqtool.ranking.rank:SCORES"), default="adapted_rand", show_default=True,
               help="Consistency that orders the models.")
 @seed_option("Seed of dropout channels and noise.")
 @click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Cell diameter in px (default: each model's training diameter).")
 @click.option("--out", type=click.Path(file_okay=False), default="rank", show_default=True,
-              help="Folder for ranking.{csv,md,json}, per_image.*, rank.json, ranking.png.")
+              help="Folder for ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and cache/.")
+@click.option("--no-cache", is_flag=True,
+              help="Neither read nor write OUT/cache/ (the unperturbed predictions a later run reuses).")
 @quiet_option
 @user_errors
-def rank_cmd(models_dir, images, labels, perturbation, strength, score, seed, diameter, out, quiet):
+def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, diameter, out, no_cache, quiet):
     """Rank the Cellpose models in MODELS_DIR on target images without labels."""
-    from dqtool.ranking.rank import format_result, rank_models
+    from dqtool.ranking.rank import format_bank, rank_bank
 
-    result = rank_models(models_dir, images, labels=labels, perturbation=perturbation, strength=strength, out=out,
-                         score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet))
-    click.echo(format_result(result), nl=False)
-    click.echo(f"{out}/rank.json: {len(result.ranked)} ranked, "
-               f"{len(result.models) - len(result.ranked)} failed, {len(result.skipped)} skipped")
+    bank = rank_bank(models_dir, images, labels=labels, perturbations=perturbations, strength=strength, out=out,
+                     score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet), cache=not no_cache)
+    click.echo(format_bank(bank), nl=False)
 
 
 @click.command("rank-study")

@@ -63,12 +63,20 @@ def select(cache, rate, bins, method, gain, sampling, seed, memory, out, plot_di
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="The cache the subset was selected on [default: the path stored in SUBSET].")
+@click.option("--seed-masks", "seed_masks", type=click.Path(dir_okay=False), default=None, metavar="MODEL",
+              help="Pre-fill NNN_img_seg.npy (Cellpose GUI files) with this Cellpose model's predictions, to correct "
+                   "in the GUI (instead of NNN_masks.png).")
 @quiet_option
 @user_errors
-def export(subset, out, cache_path, quiet):
+def export(subset, out, cache_path, seed_masks, quiet):
     """Write the patches of SUBSET as Cellpose files (NNN_img.png, NNN_masks.png) plus a CSV back to sources."""
     from dqtool.selection.subsets import export_subset
 
-    csv_path = export_subset(subset, out, cache_path=cache_path, quiet=is_quiet(quiet))
+    if seed_masks is None:
+        csv_path = export_subset(subset, out, cache_path=cache_path, quiet=is_quiet(quiet))
+    else:
+        from dqtool.segmentation.seeds import export_with_seed_masks
+
+        csv_path = export_with_seed_masks(subset, out, seed_masks, cache_path=cache_path, quiet=is_quiet(quiet))
     click.echo(f"exported -> {out} (index: {csv_path})")
 

@@ -38,6 +38,13 @@ def user_errors(func):
                 IsADirectoryError, PermissionError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:  # a full or read-only disk outside a writer's guard: still one line
+            from dqtool.common.outputs import fault_code, output_error
+
+            if fault_code(exc) is None:
+                raise
+            click.echo(f"error: {output_error(getattr(exc, 'filename', None) or 'output', exc)}", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -30,10 +30,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("dqtool_cli.cmd_train:replay_cmd", "Finetune on the target plus a source subset (Table VIII)."),
     "sequence": ("dqtool_cli.cmd_train:sequence_cmd", "Train through caches one after another (Table VII)."),
     "predict": ("dqtool_cli.cmd_predict:predict_cmd", "Segment images with a Cellpose model file."),
+    "export-model": ("dqtool_cli.cmd_export_model:export_model_cmd",
+                     "Write a Cellpose model as a bioimage.io model package."),
     "eval": ("dqtool_cli.cmd_eval:eval_command", "Score predicted label maps against ground truth."),
     "rank": ("dqtool_cli.cmd_rank:rank_cmd", "Rank Cellpose models on target images without labels."),
     "rank-study": ("dqtool_cli.cmd_rank:rank_study_cmd", "Evidence: train a graded bank and rank it."),
     "experiment": ("dqtool_cli.cmd_experiment:experiment_cmd", "Run a whole study from a JSON config."),
+    "report": ("dqtool_cli.cmd_report:report_cmd", "One page (HTML + Markdown) of what a run found."),
 }
 
 

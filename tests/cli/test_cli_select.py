@@ -7,21 +7,17 @@ import pytest
 from click.testing import CliRunner
 
 from dqtool.data.cache import PatchCache
-from dqtool.data.cache_build import build_cache_from_arrays
-from dqtool.features.embed import embed_cache
 from dqtool_cli.main import cli
+from factories import noise_cache, store_features
 
 
 def _cache(tmp_path, features=True):
-    rng = np.random.default_rng(0)
-    imgs = [(rng.random((40, 40)) * 255).astype(np.uint8) for _ in range(3)]
-    labs = [(rng.random((40, 40)) > 0.5).astype(np.uint16) for _ in range(3)]
-    path = build_cache_from_arrays(tmp_path / "c.h5", imgs, labs, ["a", "b", "c"], size=16, stride=8)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = noise_cache(tmp_path / "c.h5", shape=(40, 40), names=["a", "b", "c"])
     if features:
         with PatchCache(path) as c:
             n = len(c)
-        np.save(tmp_path / "f.npy", rng.normal(size=(n, 6)).astype(np.float32))
-        embed_cache(path, features_file=tmp_path / "f.npy")
+        store_features(path, np.random.default_rng(0).normal(size=(n, 6)).astype(np.float32), tmp_path / "f.npy")
     return path
 
 
@@ -85,15 +81,18 @@ def test_user_errors_exit_1_and_keep_existing_output(tmp_path):
     path = _cache(tmp_path, features=False)
     out = tmp_path / "s.json"
     out.write_text("keep me")
-    res = _run("select", path, "--rate", "0.1", "--out", out)
-    assert res.exit_code == 1 and "dqtool embed" in res.output and "Traceback" not in res.output
+    res = _run("select", path, "--rate", "0.1", "--out", out)  # a file dqtool did not write: refused first
+    assert res.exit_code == 1 and "not written by dqtool" in res.output and "Traceback" not in res.output
     assert out.read_text() == "keep me"
+    new = tmp_path / "new.json"
+    res = _run("select", path, "--rate", "0.1", "--out", new)
+    assert res.exit_code == 1 and "dqtool embed" in res.output and "Traceback" not in res.output
     (tmp_path / "x").mkdir()
     embed_path = _cache(tmp_path / "x")
-    res = _run("select", embed_path, "--rate", "0.1", "--bins", "100000", "--out", out)
+    res = _run("select", embed_path, "--rate", "0.1", "--bins", "100000", "--out", new)
     assert res.exit_code == 1 and "bins" in res.output
-    assert out.read_text() == "keep me"
-    res = _run("select", tmp_path / "missing.h5", "--rate", "0.1", "--out", out)
+    assert not new.exists()
+    res = _run("select", tmp_path / "missing.h5", "--rate", "0.1", "--out", new)
     assert res.exit_code == 1 and "missing.h5" in res.output
 
 

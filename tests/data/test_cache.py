@@ -98,9 +98,10 @@ def test_small_image_is_padded_not_dropped(tmp_path):
         assert len(c) == 1
         patch = c.images([0])[0, ..., 0]
         assert patch.shape == (224, 224) and (patch[100:, :] == 0).all() and (patch[:, 150:] == 0).all()
-    path = build_cache_from_arrays(tmp_path / "d.h5", [img], [lab], ["s"], edge="drop")
-    with PatchCache(path) as c:
-        assert len(c) == 0  # --edge drop reproduces the paper's code: no patch from a small image
+    # --edge drop (the paper's code) gives no patch from a small image: refused, never silently skipped
+    with pytest.raises(InputError, match="smaller than the 224-px window with --edge drop"):
+        build_cache_from_arrays(tmp_path / "d.h5", [img], [lab], ["s"], edge="drop")
+    assert not (tmp_path / "d.h5").exists()
 
 
 def test_rgba_and_16bit_are_normalised(tmp_path):
@@ -164,8 +165,13 @@ def test_incomplete_and_truncated_files_are_rejected(real_data, tmp_path):
     truncated.write_bytes(out.read_bytes()[: os.path.getsize(out) // 3])
     with pytest.raises(InputError, match="truncated or corrupt"):
         PatchCache(truncated)
-    r = build_cache_from_folders([real_data / "multi_neurips"], truncated, quiet=True)
-    assert r.action == "rebuilt" and "not a readable HDF5" in r.reason
+    # a file dqtool cannot read is not recognisably its own: refused, never overwritten (issue 19)
+    before = truncated.read_bytes()
+    with pytest.raises(InputError, match="not written by dqtool"):
+        build_cache_from_folders([real_data / "multi_neurips"], truncated, quiet=True)
+    assert truncated.read_bytes() == before
+    r = build_cache_from_folders([real_data / "multi_neurips"], partial, quiet=True)
+    assert r.action == "rebuilt" and "incomplete" in r.reason
 
 
 def test_shape_mismatch_and_mixed_labels(tmp_path):
@@ -321,14 +327,14 @@ def test_unfiltered_chunk_falls_back_to_h5py(tmp_path):
     assert np.array_equal(out, data[[2, 1, 2, 3]])
 
 
-def test_corrupt_chunk_raises_like_h5py(tmp_path):
+def test_corrupt_chunk_is_one_input_error(tmp_path):
     img, lab = _labelled_pair()
     path = build_cache_from_arrays(tmp_path / "a.h5", [img], [lab], ["a"], size=64, stride=64)
     with h5py.File(path, "r+") as h5:
         h5["images"].id.write_direct_chunk((1, 0, 0, 0), b"not deflate data")
     with PatchCache(path) as c:
         assert c.images([0]).shape == (1, 64, 64, 1)
-        with pytest.raises(OSError):
+        with pytest.raises(InputError, match=r"a\.h5: cannot read /images \(patch 1\): a corrupt or truncated chunk"):
             c.images([0, 1])
 
 

@@ -47,9 +47,9 @@ def test_keys_of_the_usual_layouts():
 
 def test_labels_outputs_and_input_images():
     for name in ("a_masks.png", "a_cp_masks.tif", "a_mask.png", "a_label.tiff", "a_labels.png", "a_gt.tif",
-                 "A_MASKS.PNG"):
+                 "A_MASKS.PNG", "a_seg.npy"):  # a_seg.npy: the Cellpose GUI's annotation (issue 14)
         assert is_label_file(name) and not is_input_image(name), name
-    for name in ("a_flows.tif", "a_seg.npy", "a_seg.png", "a_cellprob.tif", "a_cp_output.png"):
+    for name in ("a_flows.tif", "a_seg.png", "a_cellprob.tif", "a_cp_output.png"):
         assert not is_label_file(name) and not is_input_image(name), name
     for name in ("a.png", "001_img.tif", "masks_a.png", "a_masked_cells.png"):
         assert is_input_image(name) and not is_label_file(name), name

@@ -234,8 +234,15 @@ def test_bad_arguments_and_empty_cache(cache_path, tmp_path):
         embed_cache(cache_path, batch_size=0)
     with pytest.raises(InputError, match="threads"):
         embed_cache(cache_path, threads=0)
-    empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.zeros((100, 100), np.uint8)], None, ["a"],
-                                    edge="drop")
+    # an image too small for any window is refused now (issue 19), so a cache of no patches is made by hand
+    empty = build_cache_from_arrays(tmp_path / "empty.h5", [np.zeros((100, 100), np.uint8)], None, ["a"])
+    with h5py.File(empty, "r+") as h5:
+        h5["images"].resize(0, axis=0)
+        for name in ("patch_source", "patch_domain", "patch_offset"):
+            shape, dtype = (0,) + h5[name].shape[1:], h5[name].dtype
+            del h5[name]
+            h5.create_dataset(name, shape, dtype)
+        h5.attrs["n_patches"] = 0
     with pytest.raises(InputError, match=r"empty\.h5.*no patches"):
         embed_cache(empty, **FAST)
     (tmp_path / "junk.h5").write_bytes(b"junk")

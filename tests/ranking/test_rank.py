@@ -1,5 +1,6 @@
 """rank_models and ``dqtool rank``: scores against an independent computation, outputs, bad input."""
 
+import importlib
 import itertools
 import json
 import math
@@ -230,10 +231,7 @@ def test_rank_models_bad_input(tmp_path, bank):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     tifffile.imwrite(mixed / "a.tif", np.zeros((32, 32), np.uint16))
-    tifffile.imwrite(mixed / "b.tif", np.zeros((32, 40), np.uint16))
-    with pytest.raises(InputError, match="b.tif: image size"):
-        R.rank_models(bank / "models", mixed)
-    tifffile.imwrite(mixed / "b.tif", np.zeros((32, 32), np.uint8))
+    tifffile.imwrite(mixed / "b.tif", np.zeros((32, 40), np.uint8))  # other sizes are ranked (test_passes)
     with pytest.raises(InputError, match="b.tif: pixel type"):
         R.rank_models(bank / "models", mixed)
     nolabels = tmp_path / "nolabels"
@@ -284,7 +282,7 @@ def test_normalise_for_model_is_cellposes_normalisation():
 def test_rank_study_glue(tmp_path, monkeypatch):
     """The study's wiring (data, bank folder, rankings, tables, plot) with the training step replaced
     by random networks; the real bank is trained by ``dqtool rank-study`` (README evidence)."""
-    from dqtool.studies import rank_study as S
+    S = importlib.import_module("dqtool.studies.rank_study")  # the module (the package exports the function)
 
     def fake_bank(data, out, members, **kwargs):
         (out / "bank").mkdir(parents=True, exist_ok=True)
@@ -321,7 +319,7 @@ class _Stop(Exception):
 def test_rank_study_budget_comes_from_the_library_presets(tmp_path, monkeypatch, quick):
     """``dqtool rank-study [--quick]`` passes only ``quick``; the budget (bank, patches per epoch, test
     images) is the library's preset, the one the CLI used to spell out."""
-    from dqtool.studies import rank_study as S
+    S = importlib.import_module("dqtool.studies.rank_study")  # the module (the package exports the function)
 
     seen = {}
 

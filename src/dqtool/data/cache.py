@@ -61,6 +61,12 @@ except Exception:  # pragma: no cover - imagecodecs without libdeflate
     _deflate_decode = None
 
 
+def _corrupt(path, dataset: str, which: str, exc: BaseException) -> InputError:
+    """The one line for a chunk HDF5 cannot read back (a corrupt or truncated file)."""
+    return InputError(f"{path}: cannot read {dataset} ({which}): a corrupt or truncated chunk "
+                      f"({' '.join(str(exc).split())}); rebuild the cache with dqtool patches")
+
+
 def label_dtype(size: int) -> np.dtype:
     """Stored label dtype for S x S patches: ids are consecutive per patch, so id <= S * S."""
     return np.dtype(np.uint16) if size * size < 65536 else np.dtype(np.uint32)
@@ -205,18 +211,22 @@ class PatchCache:
         dtype = np.dtype(dset.dtype if dtype is None else dtype)
         out = np.empty((idx.size,) + dset.shape[1:], dset.dtype)  # stored dtype; one cast at the end
         codec = _raw_codec(dset)
-        if idx.size == 0:
-            pass
-        elif codec is not None:
-            self._take_raw(dset, codec, idx, out)
-        else:
-            # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
-            uniq = np.unique(idx)
-            if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
-                out = dset[int(uniq[0]):int(uniq[-1]) + 1][idx - uniq[0]]
+        try:
+            if idx.size == 0:
+                pass
+            elif codec is not None:
+                self._take_raw(dset, codec, idx, out)
             else:
-                for k, i in enumerate(idx):
-                    dset.read_direct(out, np.s_[int(i)], np.s_[k])
+                # h5py's fancy indexing is slow (a point selection); one chunk (= one patch) per read is not.
+                uniq = np.unique(idx)
+                if uniq.size > 64 and uniq[-1] - uniq[0] + 1 <= 2 * uniq.size:  # dense ranges: one slab read
+                    out = dset[int(uniq[0]):int(uniq[-1]) + 1][idx - uniq[0]]
+                else:
+                    for k, i in enumerate(idx):
+                        dset.read_direct(out, np.s_[int(i)], np.s_[k])
+        except (OSError, RuntimeError, KeyError) as exc:  # HDF5's errors for a corrupt or truncated chunk
+            which = f"patch {int(idx[0])}" if idx.size == 1 else f"one of {idx.size} patches from {int(idx.min())}"
+            raise _corrupt(self.path, dset.name, which, exc) from exc
         return out if out.dtype == dtype else out.astype(dtype)
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -275,7 +285,10 @@ class PatchCache:
         for fut in futures:
             slow += fut.result()
         for k, i, _ in slow:
-            dset.read_direct(out, np.s_[i], np.s_[k])
+            try:
+                dset.read_direct(out, np.s_[i], np.s_[k])
+            except (OSError, RuntimeError) as exc:
+                raise _corrupt(self.path, dset.name, f"patch {i}", exc) from exc
         for k, src in repeats:
             out[k] = out[src]
 
@@ -300,13 +313,25 @@ class PatchCache:
         return torch.from_numpy(self.images_float(indices)).permute(0, 3, 1, 2).contiguous()
 
     # derived groups -------------------------------------------------------------------------
+    def _group(self, name: str):
+        """The complete /derived/<name>, or the old copy a swap interrupted between its moves, or None."""
+        derived = self._h5.get("derived")
+        if derived is None:
+            return None
+        grp = derived.get(name)
+        if grp is None:  # a write killed between moving the old group aside and the new one in
+            parent, _, leaf = f"derived/{name}".rpartition("/")
+            olds = sorted(k for k in self._h5[parent].keys() if k.startswith(f".{leaf}.old-")) \
+                if parent in self._h5 else []
+            grp = self._h5[f"{parent}/{olds[0]}"] if olds else None
+        if grp is None or not isinstance(grp, h5py.Group) or int(grp.attrs.get("complete", 0)) != 1:
+            return None
+        return grp
+
     def read_group(self, name: str):
         """(arrays, attrs) of /derived/<name>, or None if missing or not completely written."""
-        key = f"derived/{name}"
-        if key not in self._h5:
-            return None
-        grp = self._h5[key]
-        if int(grp.attrs.get("complete", 0)) != 1:
+        grp = self._group(name)
+        if grp is None:
             return None
         arrays = {k: grp[k][()] for k in grp.keys() if isinstance(grp[k], h5py.Dataset)}
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items() if k != "complete"}
@@ -317,31 +342,65 @@ class PatchCache:
             return []
         out = []
         self._h5["derived"].visititems(
-            lambda n, o: out.append(n) if isinstance(o, h5py.Group) and "complete" in o.attrs else None)
+            lambda n, o: out.append(n) if isinstance(o, h5py.Group) and "complete" in o.attrs
+            and not o.name.rpartition("/")[2].startswith(".") else None)
         return out
 
     def write_group(self, name: str, arrays: dict, attrs: dict | None = None) -> None:
-        """Replace /derived/<name> with ``arrays`` and ``attrs``; the completion flag is set last.
+        """Replace /derived/<name> with ``arrays`` and ``attrs``, all or nothing.
 
-        The read handle is closed and reopened around the write. Patches are never touched.
+        The new group is written whole under a temporary name (``.<name>.tmp-<pid>``, completion flag
+        last, flushed), then swapped in with two HDF5 moves (old group -> ``.<name>.old-<pid>``, new ->
+        ``<name>``) and the old one deleted. A failure while writing (full disk, kill) leaves the previous
+        group in place; a kill between the moves leaves the old copy, which :meth:`read_group` reads and
+        the next write removes. Leftovers of dead writers are removed first. Patches are never touched.
+        The read handle is closed and reopened around the write.
         """
+        from dqtool.common.outputs import kill_point, pid_alive
+
+        key = f"derived/{name}"
+        parent, _, leaf = key.rpartition("/")
+        tmp_key = f"{parent}/.{leaf}.tmp-{os.getpid()}"
+        old_key = f"{parent}/.{leaf}.old-{os.getpid()}"
         self._h5.close()
         try:
-            with h5py.File(self.path, "r+") as h5:
-                key = f"derived/{name}"
+            with h5py.File(self.path, "r+", rdcc_nbytes=0) as h5:  # no chunk cache: see cache_build._write
+                grp_parent = h5.require_group(parent)
+                for k in list(grp_parent.keys()):  # leftovers of killed writers of this group
+                    for tag in (".tmp-", ".old-"):
+                        if k.startswith(f".{leaf}{tag}") and k.rpartition("-")[2].isdigit() \
+                                and (int(k.rpartition("-")[2]) == os.getpid()
+                                     or not pid_alive(int(k.rpartition("-")[2]))):
+                            if tag == ".old-" and leaf not in grp_parent:
+                                grp_parent.move(k, leaf)
+                            else:
+                                del grp_parent[k]
+                try:
+                    grp = h5.create_group(tmp_key)
+                    for k, v in arrays.items():
+                        v = np.asarray(v)
+                        if v.dtype.kind in "UO":
+                            grp.create_dataset(k, data=np.asarray(v, dtype=object).astype(str).tolist(), dtype=_STR)
+                        else:
+                            grp.create_dataset(k, data=v)
+                        kill_point("write_group:dataset")
+                    for k, v in (attrs or {}).items():
+                        grp.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                    grp.attrs["complete"] = 1
+                    h5.flush()
+                except BaseException:
+                    if tmp_key in h5:
+                        del h5[tmp_key]
+                    raise
+                kill_point("write_group:written")
                 if key in h5:
-                    del h5[key]
-                grp = h5.require_group(key)
-                for k, v in arrays.items():
-                    v = np.asarray(v)
-                    if v.dtype.kind in "UO":
-                        grp.create_dataset(k, data=np.asarray(v, dtype=object).astype(str).tolist(), dtype=_STR)
-                    else:
-                        grp.create_dataset(k, data=v)
-                for k, v in (attrs or {}).items():
-                    grp.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                    h5.move(key, old_key)
+                    h5.flush()
+                    kill_point("write_group:moved_old")
+                h5.move(tmp_key, key)
                 h5.flush()
-                grp.attrs["complete"] = 1
+                if old_key in h5:
+                    del h5[old_key]
                 h5.flush()
         finally:
             self._h5 = h5py.File(self.path, "r")

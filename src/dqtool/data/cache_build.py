@@ -20,11 +20,12 @@ import numpy as np
 from dqtool import __version__
 from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write
+from dqtool.common.outputs import kill_point, writing
 from dqtool.common.progress import bar
 from dqtool.data.cache import (CHANNEL_MODES, COMPRESSIONS, DEFAULT_COMPRESSION, NORMALISATIONS, SCHEMA_VERSION, _STR, PatchCache, label_dtype)
-from dqtool.data.datasets import ArraySample, Dataset, Sample, open_dataset
+from dqtool.data.datasets import ArraySample, Dataset, Sample, check_distinct_sources, open_dataset
 from dqtool.data.io import normalise_percentile, relabel_consecutive, to_gray
-from dqtool.data.patches import EDGE_MODES, count_windows, iter_patches
+from dqtool.data.patches import EDGE_MODES, count_windows, iter_patches, window_starts
 
 
 @dataclass(frozen=True)
@@ -159,22 +160,56 @@ def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, o
     out = Path(out)
     if not out.parent.exists():
         raise FileNotFoundError(f"{out.parent}: output folder does not exist")
-    digest = input_hash(samples)
-    chash = content_hash(digest, options)
-    reason = "new cache"
-    if out.exists() and not force:
-        reason = _why_stale(out, chash, digest, options)
-        if reason is None:
-            with PatchCache(out) as cache:
-                summ = cache.summary()
-            return BuildReport(out, "reused", "inputs and options match the existing cache (hash match)",
-                               summ["n_patches"], summ["patches_per_domain"])
-    elif out.exists():
-        reason = "--force"
-    with atomic_write(out) as tmp:
-        per_domain = _write(samples, tmp, options, digest, chash, quiet)
+    inputs = [ds.root for ds in datasets if ds.format != "arrays"]
+    inputs += [p for s in samples for p in (s.image_path, s.label_path) if isinstance(p, Path)]
+    with writing(out, "patches", inputs):
+        digest = input_hash(samples)
+        chash = content_hash(digest, options)
+        reason = "new cache"
+        if out.exists():
+            reason = _why_stale(out, chash, digest, options)
+            if reason is None and not force:
+                with PatchCache(out) as cache:
+                    summ = cache.summary()
+                return BuildReport(out, "reused", "inputs and options match the existing cache (hash match)",
+                                   summ["n_patches"], summ["patches_per_domain"])
+            dropped = derived_work(out)
+            if dropped and not force:
+                raise InputError(f"{out}: a rebuild ({reason or 'asked for'}) would drop {', '.join(dropped)}; "
+                                 "pass --force to rebuild, or write the new cache to another --out")
+            reason = "--force" if reason is None else reason
+        with atomic_write(out) as tmp:
+            per_domain = _write(samples, tmp, options, digest, chash, quiet)
+            kill_point("patches:written")
     action = "built" if reason == "new cache" else "rebuilt"
     return BuildReport(out, action, reason, sum(per_domain.values()), per_domain)
+
+
+def derived_work(path: str | os.PathLike) -> list[str]:
+    """What rebuilding the cache at ``path`` would drop: its derived groups (features, bins) and the subset
+    files beside it selected on its content. Empty for a file that is not a readable cache."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            chash = str(h5.attrs.get("content_hash", ""))
+            groups: list[str] = []
+            if "derived" in h5:
+                h5["derived"].visititems(lambda n, o: groups.append(n) if isinstance(o, h5py.Group)
+                                         and "complete" in o.attrs and not n.rpartition("/")[2].startswith(".")
+                                         else None)
+    except OSError:
+        return []
+    out = [f"/derived/{g}" for g in groups]
+    for candidate in sorted(path.parent.glob("*.json")):
+        try:
+            if candidate.stat().st_size > (16 << 20):
+                continue
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "indices" in data and chash and data.get("cache_hash") == chash:
+            out.append(f"subset {candidate.name}")
+    return out
 
 
 def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: str, chash: str,
@@ -191,7 +226,10 @@ def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: 
     comp = None if options.compression == "none" else options.compression
     comp_opts = 1 if comp == "gzip" else None
     per_domain = {d: 0 for d in domains}
-    with h5py.File(tmp, "w") as h5:
+    # rdcc_nbytes=0: no raw-data chunk cache (a patch is one chunk, written once, so it never helped). With
+    # one, a write that fails on a full disk leaves dirty chunks that libhdf5 evicts on close and crashes
+    # (SIGSEGV, rc 139); without it the failure is an OSError here and the close is clean (issue 19).
+    with h5py.File(tmp, "w", rdcc_nbytes=0) as h5:
         h5.attrs["complete"] = 0
         images = h5.create_dataset("images", (0, size, size, n_chan), np.uint8, maxshape=(None, size, size, n_chan),
                                    chunks=(1, size, size, n_chan), compression=comp, compression_opts=comp_opts)
@@ -203,21 +241,30 @@ def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: 
         n = 0
         progress = bar(len(samples), desc="patches", quiet=quiet, unit="img")
         for si, sample in enumerate(samples):
-            img = sample.image
-            lab = sample.labels if has_labels else None
-            if lab is not None and lab.shape != img.shape[:2]:
-                raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
-                                 f"{sample.image_path} shape {img.shape[:2]}")
-            shapes.append(img.shape[:2])
-            prepared = prepare_image(img, options.channels, options.normalisation)
-            k = count_windows(img.shape[:2], size, stride, edge)
-            if k == 0:
-                progress.update(1)
-                continue
+            if getattr(sample, "lazy", False):  # OME-Zarr: cut band by band, never loaded whole
+                shape = sample.shape
+                windows = sample.iter_windows(window_starts(shape[0], size, stride, edge),
+                                              window_starts(shape[1], size, stride, edge), size, options.channels,
+                                              options.normalisation, relabel_consecutive if has_labels else None)
+            else:
+                img = sample.image
+                lab = sample.labels if has_labels else None
+                if lab is not None and lab.shape != img.shape[:2]:
+                    raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
+                                     f"{sample.image_path} shape {img.shape[:2]}")
+                shape = img.shape[:2]
+                windows = iter_patches(prepare_image(img, options.channels, options.normalisation), lab, size, stride,
+                                       edge)
+            shapes.append(shape)
+            k = count_windows(shape, size, stride, edge)
+            if k == 0:  # only --edge drop gives none; a silently missing image is a lost annotation
+                raise InputError(f"{sample.image_path}: image {shape[0]}x{shape[1]} is smaller than the "
+                                 f"{size}-px window with --edge {edge}, so it gives no patch; use --edge shift or "
+                                 "pad, or a smaller --size")
             images.resize(n + k, axis=0)
             if labels is not None:
                 labels.resize(n + k, axis=0)
-            for j, (y, x, ip, lp) in enumerate(iter_patches(prepared, lab, size, stride, edge)):
+            for j, (y, x, ip, lp) in enumerate(windows):
                 images[n + j] = ip
                 if labels is not None:
                     labels[n + j] = lp
@@ -227,6 +274,7 @@ def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: 
             per_domain[sample.domain] += k
             n += k
             progress.update(1)
+            kill_point("patches:image")
         progress.close()
         h5.create_dataset("patch_source", data=np.asarray(p_src, np.int32))
         h5.create_dataset("patch_domain", data=np.asarray(p_dom, np.int32))
@@ -268,7 +316,7 @@ def build_cache_from_arrays(path: str | os.PathLike, images: Sequence[np.ndarray
 def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os.PathLike,
                              domains: Sequence[str] | None = None, format: str | None = None,
                              split: str = "train", options: PatchOptions | None = None, force: bool = False,
-                             quiet: bool = False) -> BuildReport:
+                             quiet: bool = False, level: int = 0) -> BuildReport:
     """Open each folder with its layout's reader and build one cache (what ``dqtool patches`` runs).
 
     ``domains``: none (each folder's own name, or its parent's for train/test folders), one name for
@@ -281,6 +329,7 @@ def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os
         raise InputError(f"give --domain once, or once per input folder ({len(sources)}), not {len(domains)} times")
     if len(domains) == 1:
         domains = domains * len(sources)
-    datasets = [open_dataset(src, format=format, domain=domains[i] if domains else None, split=split)
+    datasets = [open_dataset(src, format=format, domain=domains[i] if domains else None, split=split, level=level)
                 for i, src in enumerate(sources)]
+    check_distinct_sources(sources, datasets)
     return build_cache(datasets, out, options, force=force, quiet=quiet)

@@ -28,9 +28,9 @@ import numpy as np
 
 from dqtool.common.errors import InputError
 from dqtool.common.files import file_sha256
-from dqtool.data.io import read_image, read_labels, relabel_consecutive
-from dqtool.data.naming import (IMAGE_DIRS, IMAGE_STEM_SUFFIX, IMAGE_SUFFIXES, LABEL_DIRS, LabelFolder, image_key,
-                                input_images, is_image_file)
+from dqtool.data.io import check_image_array, read_image, read_labels, relabel_consecutive
+from dqtool.data.naming import (IMAGE_DIRS, IMAGE_STEM_SUFFIX, IMAGE_SUFFIXES, LABEL_DIRS, LabelFolder, check_name,
+                                image_key, input_images, is_image_file)
 
 FORMATS = ("cellpose", "neurips", "monuseg", "generic")
 
@@ -91,7 +91,7 @@ class ArraySample:
 
     @property
     def image(self) -> np.ndarray:
-        return self.array
+        return check_image_array(np.asarray(self.array), self.image_path)
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -184,33 +184,76 @@ def default_domain(root: Path) -> str:
 
 
 def open_dataset(root: str | os.PathLike, format: str | None = None, domain: str | None = None,
-                 split: str = "train") -> Dataset:
+                 split: str = "train", level: int = 0) -> Dataset:
     """Open the dataset in ``root`` with the reader for its layout (or the one named by ``format``).
 
-    ``split`` picks ``train/`` or ``test/`` for Cellpose-layout roots that have them.
+    ``split`` picks ``train/`` or ``test/`` for Cellpose-layout roots that have them. An OME-Zarr image
+    (or a folder of ``*.zarr`` images) is read lazily at resolution ``level`` (:mod:`dqtool.data.ome_zarr`).
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: expected a dataset folder, got a file")
+    if format is None:
+        from dqtool.data.ome_zarr import find_ome_zarr_images, ome_zarr_samples
+
+        if find_ome_zarr_images(root):
+            dom = domain or default_domain(root).removesuffix(".zarr").removesuffix(".ome")
+            return Dataset(samples=ome_zarr_samples(root, dom, level), root=root,
+                           format="ome-zarr")
     fmt = format or detect_format(root, split)
     if fmt not in FORMATS:
         raise InputError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "cellpose":
-        root = _cellpose_root(root, split)
-    dom = domain or default_domain(root)
-    reader = {"cellpose": _read_cellpose, "neurips": _read_neurips, "monuseg": _read_monuseg,
-              "generic": _read_generic}[fmt]
-    samples = reader(root, dom)
+    given = root
+    samples, root = _read_layout(given, fmt, domain, split)
     if not samples:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in the "
                          f"{fmt} layout)")
+    if format and not any(s.has_labels for s in samples):
+        _refuse_hidden_labels(given, fmt, domain, split)
     labelled = [s.has_labels for s in samples]
     if any(labelled) and not all(labelled):
         first = samples[labelled.index(False)]
         raise InputError(f"{first.image_path}: missing label file (other images in {root} have labels)")
     return Dataset(samples=samples, root=root, format=fmt)
+
+
+def _read_layout(root: Path, fmt: str, domain: str | None, split: str) -> tuple[list, Path]:
+    if fmt == "cellpose":
+        root = _cellpose_root(root, split)
+    reader = {"cellpose": _read_cellpose, "neurips": _read_neurips, "monuseg": _read_monuseg,
+              "generic": _read_generic}[fmt]
+    return reader(root, domain or default_domain(root)), root
+
+
+def _refuse_hidden_labels(root: Path, fmt: str, domain: str | None, split: str) -> None:
+    """``--format`` that reads a labelled folder as unlabelled is refused, never silently obeyed."""
+    detected = detect_format(root, split)
+    if detected == fmt:
+        return
+    try:
+        samples, _ = _read_layout(root, detected, domain, split)
+    except InputError:
+        return
+    found = next((s.label_path for s in samples if s.has_labels), None)
+    if found is not None:
+        raise InputError(f"{root}: --format {fmt} finds no labels, but the folder holds labels in the {detected} "
+                         f"layout (e.g. {found}); pass --format {detected}, or move the labels away to read the "
+                         "images unlabelled")
+
+
+def check_distinct_sources(sources: Sequence[str | os.PathLike], datasets: Sequence[Dataset]) -> None:
+    """Refuse one image read twice: a source folder given twice, or one folder inside another."""
+    seen: dict[Path, str] = {}
+    for src, ds in zip(sources, datasets):
+        for sample in ds:
+            key = Path(sample.image_path).resolve()
+            if key in seen:
+                where = (f"the source folder {src} given twice" if Path(seen[key]).resolve() == Path(src).resolve()
+                         else f"from {seen[key]} and from {src}")
+                raise InputError(f"{sample.image_path}: the same image read twice ({where}); give each folder once")
+            seen[key] = str(src)
 
 
 def _samples(images: Sequence[Path], labels: LabelFolder | None, domain: str, name=lambda p: p.stem) -> list[Sample]:
@@ -232,7 +275,13 @@ def _read_neurips(root: Path, domain: str) -> list[Sample]:
 def _read_monuseg(root: Path, domain: str) -> list[Sample]:
     images = _find_dir(root, ("Tissue Images", "tissue_images", "images")) or root
     ann = _find_dir(root, ("Annotations", "annotations"))
-    xmls = {p.stem: p for p in ann.iterdir() if p.suffix.lower() == ".xml"} if ann else {}
+    xmls: dict[str, Path] = {}
+    for p in sorted(ann.iterdir()) if ann else []:
+        if p.suffix.lower() == ".xml":
+            if p.stem in xmls:
+                raise InputError(f"{xmls[p.stem]} and {p}: two annotation files for the image {p.stem!r}; "
+                                 "expected one (move or rename the other)")
+            xmls[check_name(p).stem] = p
     return [Sample(name=p.stem, domain=domain, image_path=p, label_path=xmls.get(p.stem), label_kind="monuseg-xml")
             for p in input_images(images)]
 

@@ -29,7 +29,9 @@ from scipy import ndimage as ndi
 
 from dqtool import __version__
 from dqtool.data.io import write_image_png
-from dqtool.common.files import file_sha256
+from dqtool.common.errors import InputError
+from dqtool.common.files import atomic_write_text, file_sha256
+from dqtool.common.outputs import MARKER, kill_point, swap_folder, write_marker, writing
 from dqtool.common.progress import bar
 
 DOMAINS = ("fluo", "histo", "multi")
@@ -185,11 +187,46 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 12, n_tes
         if d not in RENDERERS:
             raise ValueError(f"unknown synthetic domain {d!r}; expected some of {', '.join(DOMAINS)}")
     out = Path(out_dir)
-    if not force and _manifest_matches(out, config):
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(out, "data", kind="folder"):
+        if not force and _manifest_matches(out, config):
+            return out
+        _only_generated(out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _render(tmp, config, quiet)
+            write_marker(tmp, "data")
+            kill_point("data:written")
+            swap_folder(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _only_generated(out: Path) -> None:
+    """Refuse to replace ``out`` when it holds a file the generator did not write (per its MANIFEST) or one
+    changed since: `dqtool data` replaces its own folder whole and must not take a lab's files with it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        listed = json.loads((out / "MANIFEST.json").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_dir() or path.name in (MARKER, "MANIFEST.json"):
+            continue
+        rel = path.relative_to(out).as_posix()
+        digest = listed.get(rel) or listed.get(str(path.relative_to(out)))
+        if digest is None or file_sha256(path) != digest:
+            what = "was not written by `dqtool data`" if digest is None else "changed since `dqtool data` wrote it"
+            raise InputError(f"{out}: {rel} {what}; dqtool will not replace this folder: move the file away, "
+                             "or write the data to another folder")
+
+
+def _render(tmp: Path, config: SynthConfig, quiet: bool) -> None:
+    """Write every domain's train/test images, labels and the MANIFEST into the new folder ``tmp``."""
+    seed, n_train, n_test, size = config.seed, config.n_train, config.n_test, config.size
     files = {}
     total = len(config.domains) * (n_train + n_test)
     progress = bar(total, desc="synthetic data", quiet=quiet, unit="img")
@@ -205,12 +242,9 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 12, n_tes
                     write_image_png(path, arr)
                     files[str(path.relative_to(tmp))] = file_sha256(path)
                 progress.update(1)
+                kill_point("data:image")
     progress.close()
     manifest = {"generator": "dqtool.synthetic", "generator_version": GENERATOR_VERSION,
                 "dqtool_version": __version__, "config": {**asdict(config), "domains": list(config.domains)},
                 "files": files}
-    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    atomic_write_text(tmp / "MANIFEST.json", json.dumps(manifest, indent=2) + "\n")

@@ -27,7 +27,8 @@ from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.data.io import read_labels
-from dqtool.data.naming import IMAGE_DIRS, LABEL_DIRS, is_cellpose_output, is_image_file, is_label_file, label_key
+from dqtool.data.naming import (IMAGE_DIRS, LABEL_DIRS, check_name, is_cellpose_output, is_image_file, is_label_file,
+                                is_seg_file, label_key)
 from dqtool.evaluation.metrics import EvaluationResult, evaluate, parse_thresholds, summary_tables
 
 #: Folder names that say where a file is in a layout, not which domain it belongs to (lower case).
@@ -48,9 +49,12 @@ def find_label_files(root: str | os.PathLike) -> list[LabelFile]:
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and not is_cellpose_output(p)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and ((is_image_file(p) and not is_cellpose_output(p)) or is_seg_file(p))
                    and not any(part.startswith(".") or part.lower() in IMAGE_DIRS
                                for part in p.relative_to(root).parts[:-1]))
+    for p in files:
+        check_name(p)  # names go into UTF-8 tables
     by_folder: dict[Path, list[Path]] = {}
     for p in files:
         by_folder.setdefault(p.parent, []).append(p)
@@ -168,11 +172,24 @@ class FolderEvaluation:
                 for r in self.problems()]
 
 
+def _refuse_same_folder(gt_dir, pred_dir) -> None:
+    """Truth and prediction in one folder (or one inside the other) would score files against themselves."""
+    gt, pred = Path(gt_dir).resolve(), Path(pred_dir).resolve()
+    if gt == pred:
+        raise InputError(f"{gt_dir}: given as both the ground truth (--gt) and the prediction (--pred); expected "
+                         "two different folders")
+    for outer, inner, a, b in ((gt, pred, "--pred", "--gt"), (pred, gt, "--gt", "--pred")):
+        if outer in inner.parents:
+            raise InputError(f"{inner}: the {a} folder is inside the {b} folder {outer}; its files would be read "
+                             "as both; expected two separate folders")
+
+
 def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      thresholds=(0.5,), empty_value: float = 1.0, workers: int | None = None,
                      quiet: bool = True) -> FolderEvaluation:
     """Pair, read, score and write the tables of ``dqtool eval`` (see the module docstring)."""
     thresholds = parse_thresholds(thresholds)
+    _refuse_same_folder(gt_dir, pred_dir)
     pairing = pair_folders(gt_dir, pred_dir)
     if not pairing.pairs:
         shown = ", ".join(str(p) for p in pairing.unpaired_gt[:3])

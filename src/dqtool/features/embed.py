@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from dqtool.common.errors import InputError
+from dqtool.common.outputs import kill_point, writing
 from dqtool.common.progress import bar
 from dqtool.data.cache import PatchCache
 from dqtool.features.mae import (CONFIGS, DEFAULT_CONFIG, FEATURE_RECIPE, MaskedAutoencoderViT, encoder_hash,
@@ -159,7 +160,11 @@ def embed_cache(cache_path, weights=None, features_file=None, epochs=None, seed=
         raise InputError(f"seed must be >= 0, got {seed}")
     if int(threads) < 1:
         raise InputError(f"threads must be >= 1, got {threads}")
-    with opened_cache(cache_path) as cache, torch_threads(threads):
+    target = Path(getattr(cache_path, "path", cache_path))
+    if not target.exists():
+        raise FileNotFoundError(f"{target}: no such cache file")
+    with writing(target, "embed", [weights, features_file]), opened_cache(cache_path) as cache, \
+            torch_threads(threads):
         n = len(cache)
         if n == 0:
             raise InputError(f"{cache.path}: the cache holds no patches (all images smaller than the patch "
@@ -182,6 +187,7 @@ def embed_cache(cache_path, weights=None, features_file=None, epochs=None, seed=
                 save_mae(model, path, {"cache_hash": cache.content_hash, "epochs": epochs, "seed": int(seed),
                                        "batch_size": int(batch_size), "recipe": TRAIN_RECIPE,
                                        "epoch_losses": losses})
+                kill_point("embed:pretrained")
             meta = {"encoder_source": "default", "encoder": str(path.resolve()), "epochs": epochs,
                     "seed": int(seed)}
         meta["encoder_hash"] = encoder_hash(model, FEATURE_RECIPE)

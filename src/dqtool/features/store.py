@@ -32,12 +32,25 @@ def check_features(arr: np.ndarray, where: str, n_patches: int | None = None, hi
         raise InputError(f"{where}: {arr.shape[0]} feature rows but the cache has {n_patches} patches{tail}")
     if arr.shape[1] < 1:
         raise InputError(f"{where}: features have 0 dimensions; expected (N, D) with D >= 1{tail}")
-    arr = arr.astype(np.float32)
+    wide = arr
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(np.float32)
     bad = ~np.isfinite(arr)
     if bad.any():
         row, col = np.argwhere(bad)[0]
+        if np.isfinite(wide[row, col]):
+            raise InputError(f"{where}: feature value {float(wide[row, col]):.6g} at row {row}, column {col} overflows "
+                             f"float32 (max {float(np.finfo(np.float32).max):.3g}); scale the features down{tail}")
         raise InputError(f"{where}: {int(bad.sum())} non-finite feature values (NaN or inf), first at row "
                          f"{row}, column {col}; expected finite numbers{tail}")
+    # Eq. 1 sums up to N squared distances, each at most 4 max ||f||^2; the kernels add them in float32.
+    squared = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
+    limit = float(np.finfo(np.float32).max) / (4.0 * max(arr.shape[0], 1))
+    if squared.size and squared.max() > limit:
+        row = int(np.argmax(squared))
+        raise InputError(f"{where}: feature row {row} has squared norm {squared[row]:.3g}; with {arr.shape[0]} rows "
+                         f"the sums of squared distances (up to 4 N max ||f||^2) overflow float32 (max "
+                         f"{float(np.finfo(np.float32).max):.3g}); scale the features down{tail}")
     return np.ascontiguousarray(arr)
 
 

@@ -26,18 +26,22 @@ from typing import Sequence
 import numpy as np
 
 from dqtool.common.figures import pyplot, save_figure
+from dqtool.common.files import file_sha256
 from dqtool.ranking.consistency import adapted_rand, cellprob_to_probability, semantic_consistency
 from dqtool.common.errors import InputError
 from dqtool.data.io import read_image, read_labels, to_gray
 from dqtool.data.naming import LabelFolder, list_input_images
+from dqtool.ranking.outputs_cache import OutputsCache
+from dqtool.ranking.passes import EvalSettings, ModelPasses, Prediction
 from dqtool.ranking.perturb import PERTURBATIONS, bottleneck_dropout, default_strength, perturb_image
 from dqtool.common.progress import bar
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.model_files import discover_models
 
-__all__ = ["rank_models", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations"]
+__all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations"]
 
 SCORES = ("adapted_rand", "nhd", "effective_invariance")
+FEATURE_PERTURBATIONS = ("dropout",)  # act inside the network: they reuse the unperturbed encoder pass
 THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # IoU 0.5:0.95
 
 
@@ -108,13 +112,11 @@ class RankResult:
 # --------------------------------------------------------------------------------------------------
 
 def load_target_images(files: Sequence[Path]) -> list[np.ndarray]:
-    """Read every target image; all must share one size and one bit depth (the batch is scored together)."""
+    """Read every target image; sizes may differ (each image is normalised and scored on its own),
+    bit depths may not (a folder mixing them is usually two acquisitions)."""
     images = [read_image(f) for f in files]
     first = images[0]
     for f, img in zip(files, images):
-        if img.shape[:2] != first.shape[:2]:
-            raise InputError(f"{f}: image size {img.shape[:2]} differs from {files[0].name} {first.shape[:2]}; "
-                             "rank images of one size (crop or split the folder)")
         if img.dtype != first.dtype:
             raise InputError(f"{f}: pixel type {img.dtype} differs from {files[0].name} ({first.dtype}); "
                              "rank images of one bit depth")
@@ -134,8 +136,11 @@ def normalise_for_model(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 def _eval(model, x: np.ndarray, diameter, batch_size: int):
-    masks, flows, _ = model.eval(x, channels=[0, 0], normalize={"normalize": False}, diameter=diameter,
-                                 batch_size=batch_size)
+    from dqtool.common.notices import known_notices_hidden
+
+    with known_notices_hidden():  # torch's sparse-invariant notice from Cellpose's dynamics
+        masks, flows, _ = model.eval(x, channels=[0, 0], normalize={"normalize": False}, diameter=diameter,
+                                     batch_size=batch_size)
     return np.asarray(masks), np.asarray(flows[2], np.float32)
 
 
@@ -146,11 +151,17 @@ def _instance_performance(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float
     return float(records[0].f1), float(np.mean([r.accuracy for r in records]))
 
 
+def noise_seed(seed: int, image_index: int) -> int:
+    """The seed of image ``image_index``'s input perturbation (one stream per image, from the run's seed)."""
+    return int(np.random.SeedSequence([seed, image_index]).generate_state(1)[0])
+
+
 def score_model(model, inputs: Sequence[np.ndarray], perturbation: str, strength: float, seed: int = 0,
                 labels: Sequence[np.ndarray | None] | None = None, diameter: float | None = None,
                 batch_size: int = 8, tick=None) -> tuple[list[dict], float]:
-    """Per-image consistency records of one loaded ``CellposeModel`` and its inference seconds."""
-    masks, masks_p, probs, probs_p = [], [], [], []
+    """Per-image consistency records of one model and one perturbation, by two ``model.eval`` calls per
+    image (the plain loop the shared passes of :func:`score_model_passes` are tested against)."""
+    masks, masks_p, cellprobs, cellprobs_p = [], [], [], []
     inference = 0.0
     for i, x in enumerate(inputs):
         t0 = time.perf_counter()
@@ -159,24 +170,111 @@ def score_model(model, inputs: Sequence[np.ndarray], perturbation: str, strength
             with bottleneck_dropout(model.net, p=strength, seed=seed):
                 m1, c1 = _eval(model, x, diameter, batch_size)
         else:
-            x_p = perturb_image(x, perturbation, strength, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-            m1, c1 = _eval(model, x_p, diameter, batch_size)
+            m1, c1 = _eval(model, perturb_image(x, perturbation, strength, seed=noise_seed(seed, i)), diameter,
+                           batch_size)
         inference += time.perf_counter() - t0
         masks.append(m0)
         masks_p.append(m1)
-        probs.append(cellprob_to_probability(c0))
-        probs_p.append(cellprob_to_probability(c1))
+        cellprobs.append(c0)
+        cellprobs_p.append(c1)
         if tick is not None:
             tick()
-    semantic = semantic_consistency(np.stack(probs), np.stack(probs_p))  # one kernel call per model
+    performance = _performance(labels, masks)
+    return _records(masks, cellprobs, masks_p, cellprobs_p, performance), inference
+
+
+def _performance(labels, masks) -> list:
+    if labels is None:
+        return [None] * len(masks)
+    return [None if t is None else _instance_performance(t, m) for t, m in zip(labels, masks)]
+
+
+def _records(masks, cellprobs, masks_p, cellprobs_p, performance) -> list[dict]:
+    """Per-image scores of one perturbation; NHD and EI in one kernel call per image size."""
+    n = len(masks)
+    nhd_, ei_, union_ = [0.0] * n, [0.0] * n, [0] * n
+    by_shape: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cellprobs):
+        by_shape.setdefault(np.shape(c), []).append(i)
+    for members in by_shape.values():
+        semantic = semantic_consistency(np.stack([cellprob_to_probability(cellprobs[i]) for i in members]),
+                                        np.stack([cellprob_to_probability(cellprobs_p[i]) for i in members]))
+        for k, i in enumerate(members):
+            nhd_[i], ei_[i] = float(semantic.nhd[k]), float(semantic.effective_invariance[k])
+            union_[i] = int(semantic.union[k])
     records = []
-    for i in range(len(inputs)):
-        rec = {"image": i, "adapted_rand": adapted_rand(masks[i], masks_p[i]), "nhd": float(semantic.nhd[i]),
-               "effective_invariance": float(semantic.effective_invariance[i]), "union": int(semantic.union[i]),
+    for i in range(n):
+        rec = {"image": i, "adapted_rand": adapted_rand(masks[i], masks_p[i]), "nhd": nhd_[i],
+               "effective_invariance": ei_[i], "union": union_[i],
                "n_cells": int(masks[i].max()), "n_cells_perturbed": int(masks_p[i].max())}
-        if labels is not None and labels[i] is not None:
-            rec["f1"], rec["accuracy"] = _instance_performance(labels[i], masks[i])
+        if performance[i] is not None:
+            rec["f1"], rec["accuracy"] = performance[i]
         records.append(rec)
+    return records
+
+
+def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[str, float], seed: int = 0,
+                       labels: Sequence[np.ndarray | None] | None = None,
+                       settings: EvalSettings | None = None, cache: OutputsCache | None = None,
+                       model_sha: str = "", image_shas: Sequence[str] = (), image_names: Sequence[str] = (),
+                       tick=None) -> tuple[dict[str, list[dict]], float]:
+    """Per-image records of every perturbation in ``perturbations`` (kind -> strength) for one model.
+
+    The passes are shared: one encoder pass per image and tile for the unperturbed prediction and
+    every feature perturbation (a decoder pass each), one full pass per input perturbation, and no
+    unperturbed pass at all for an image whose unperturbed prediction is in ``cache``. Every number
+    equals :func:`score_model`'s for each perturbation alone (tested).
+    """
+    t0 = time.perf_counter()
+    passes = ModelPasses(model, settings or EvalSettings())
+    n = len(inputs)
+    names = list(image_names) or [str(i) for i in range(n)]
+    plain: list = [None] * n
+    if cache is not None:
+        plain = [cache.load(model_sha, image_shas[i], f"{Path(str(getattr(model, 'pretrained_model', ''))).name} "
+                                                      f"on {names[i]}") for i in range(n)]
+    feature = [k for k in perturbations if k in FEATURE_PERTURBATIONS]
+    missing = [i for i in range(n) if plain[i] is None]
+    outputs: dict[str, dict[int, Prediction]] = {k: {} for k in perturbations}
+
+    # the unperturbed stream: one encoder pass, decoded as is and under every feature perturbation
+    stream = list(range(n)) if feature else missing
+    if stream:
+        tiled = [passes.tile(inputs[i]) for i in stream]
+        decode_plain = bool(missing)
+
+        def heads(encoded):
+            ys = {"": passes.decode(encoded)} if decode_plain else {}
+            for kind in feature:
+                with bottleneck_dropout(passes.net, p=perturbations[kind], seed=seed):
+                    ys[kind] = passes.decode(encoded)
+            return ys
+
+        for i, t, ys in zip(stream, tiled, passes.run(tiled, heads)):
+            if plain[i] is None:
+                plain[i] = passes.masks(t, *passes.untile(t, ys[""]))
+                if cache is not None:
+                    cache.store(model_sha, image_shas[i], plain[i])
+            for kind in feature:
+                outputs[kind][i] = passes.masks(t, *passes.untile(t, ys[kind]))
+
+    # every input perturbation: one full pass of the perturbed images
+    for kind in (k for k in perturbations if k not in FEATURE_PERTURBATIONS):
+        tiled = [passes.tile(perturb_image(x, kind, perturbations[kind], seed=noise_seed(seed, i)))
+                 for i, x in enumerate(inputs)]
+        for i, (t, ys) in enumerate(zip(tiled, passes.run(tiled, lambda encoded: {"": passes.decode(encoded)}))):
+            outputs[kind][i] = passes.masks(t, *passes.untile(t, ys[""]))
+    inference = time.perf_counter() - t0
+    if tick is not None:
+        for _ in range(n):
+            tick()
+
+    masks = [p.masks for p in plain]
+    cellprobs = [p.cellprob for p in plain]
+    performance = _performance(labels, masks)
+    records = {kind: _records(masks, cellprobs, [outputs[kind][i].masks for i in range(n)],
+                              [outputs[kind][i].cellprob for i in range(n)], performance)
+               for kind in perturbations}
     return records, inference
 
 
@@ -296,24 +394,83 @@ def write_outputs(result: RankResult, out: str | os.PathLike, image_names: Seque
 # The entry point
 # --------------------------------------------------------------------------------------------------
 
+def parse_perturbations(perturbation) -> tuple[str, ...]:
+    """``"dropout,noise"`` or a sequence of names -> the names, each known and listed once."""
+    text = perturbation if isinstance(perturbation, str) else ",".join(perturbation)
+    kinds = tuple(k.strip() for k in text.split(","))
+    for k in kinds:
+        if k not in PERTURBATIONS:
+            raise InputError(f"perturbation {k!r} in {text!r}: expected one of {', '.join(PERTURBATIONS)}")
+        if kinds.count(k) > 1:
+            raise InputError(f"perturbation {k!r} is listed twice in {text!r}; list each once")
+    return kinds
+
+
+def resolve_strengths(kinds: Sequence[str], strength) -> dict[str, float]:
+    """One strength per perturbation: None (the defaults), one number (one perturbation only), or a
+    list (``"0.2,0.1"``) in the order of the perturbations."""
+    if strength is None:
+        values = [default_strength(k) for k in kinds]
+    else:
+        items = strength.split(",") if isinstance(strength, str) else \
+            list(strength) if isinstance(strength, (list, tuple)) else [strength]
+        if len(items) != len(kinds):
+            raise InputError(f"strength {strength!r}: {len(items)} value(s) for {len(kinds)} perturbation(s) "
+                             f"({','.join(kinds)}); give one per perturbation, in the same order")
+        try:
+            values = [default_strength(k) if str(v).strip() == "" else float(v) for k, v in zip(kinds, items)]
+        except ValueError:
+            raise InputError(f"strength {strength!r}: expected numbers") from None
+    for k, v in zip(kinds, values):
+        if k == "dropout" and not 0.0 < v < 1.0:
+            raise InputError(f"dropout strength {v}: expected a rate in (0, 1)")
+        if not math.isfinite(v):
+            raise InputError(f"{k} strength {v}: expected a finite number")
+    return dict(zip(kinds, values))
+
+
+@dataclass
+class BankRanking:
+    """One ranking per perturbation, from one run whose passes they share."""
+
+    results: dict  # perturbation -> RankResult
+    notes: list
+    timing: dict
+    cache: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+
+
 def rank_models(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
                 perturbation: str = "dropout", strength: float | None = None, out: str | os.PathLike | None = None,
                 score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
-                quiet: bool = True) -> RankResult:
-    """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``.
+                quiet: bool = True, cache: bool = True) -> RankResult:
+    """``dqtool rank`` with one perturbation: the :class:`RankResult` of :func:`rank_bank`."""
+    kinds = parse_perturbations(perturbation)
+    if len(kinds) != 1:
+        raise InputError(f"perturbation {perturbation!r}: rank_models takes one; rank_bank takes a list")
+    bank = rank_bank(models_dir, images, labels=labels, perturbations=kinds, strength=strength, out=out,
+                     score=score, seed=seed, diameter=diameter, batch_size=batch_size, quiet=quiet, cache=cache)
+    return bank.results[kinds[0]]
 
-    Returns a :class:`RankResult` (models best first, failed ones last with their error); with
-    ``out`` writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and, with ``labels``,
-    validation.*.
+
+def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
+              perturbations="dropout", strength=None, out: str | os.PathLike | None = None,
+              score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
+              quiet: bool = True, cache: bool = True) -> BankRanking:
+    """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
+    perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
+
+    Each :class:`RankResult` has its models best first, failed ones last with their error. With
+    ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
+    with ``labels``, validation.* into ``out``; several write them into ``out/<perturbation>/``, the
+    same files a run with that perturbation alone writes. The unperturbed predictions are cached in
+    ``out/cache/`` unless ``cache`` is False.
     """
     t_start = time.perf_counter()
-    if perturbation not in PERTURBATIONS:
-        raise InputError(f"perturbation {perturbation!r}: expected one of {', '.join(PERTURBATIONS)}")
+    kinds = parse_perturbations(perturbations)
     if score not in SCORES:
         raise InputError(f"score {score!r}: expected one of {', '.join(SCORES)}")
-    strength = default_strength(perturbation) if strength is None else float(strength)
-    if perturbation == "dropout" and not 0.0 < strength < 1.0:
-        raise InputError(f"dropout strength {strength}: expected a rate in (0, 1)")
+    strengths = resolve_strengths(kinds, strength)
     model_files, skipped = discover_models(models_dir)
     if not model_files:
         detail = f"; skipped: {', '.join(Path(f).name + ' (' + r + ')' for f, r in skipped)}" if skipped else ""
@@ -326,43 +483,70 @@ def rank_models(models_dir: str | os.PathLike, images: str | os.PathLike, labels
     if labels is not None:
         truth, label_notes = _read_truth(labels, files, targets)
         notes += label_notes
+    settings = EvalSettings(diameter=diameter, batch_size=batch_size)
+    store = None
+    if cache and out is not None:
+        store = OutputsCache(Path(out) / "cache", settings.key())
+        image_shas = [file_sha256(f) for f in files]
+    else:
+        image_shas = [""] * len(files)
 
     from dqtool.segmentation.predict import load_model  # validated loading, never a download
 
-    results, inference = [], 0.0
+    per_kind: dict[str, list[ModelScore]] = {k: [] for k in kinds}
+    inference = 0.0
     progress = bar(len(model_files) * len(inputs), desc="rank", quiet=quiet, unit="img")
     try:
         for path in model_files:
             t0 = time.perf_counter()
             try:
                 model = load_model(path)
-                records, secs = score_model(model, inputs, perturbation, strength, seed=seed, labels=truth,
-                                            diameter=diameter, batch_size=batch_size,
-                                            tick=lambda: progress.update(1))
+                model_sha = "" if store is None else file_sha256(path)
+                records, secs = score_model_passes(model, inputs, strengths, seed=seed, labels=truth,
+                                                   settings=settings, cache=store, model_sha=model_sha,
+                                                   image_shas=image_shas, image_names=[f.name for f in files],
+                                                   tick=lambda: progress.update(1))
                 inference += secs
-                ms = _summarise(str(path), records, score)
+                scores = {k: _summarise(str(path), records[k], score) for k in kinds}
             except Exception as exc:  # one broken model must not stop the ranking of the others
-                ms = ModelScore(model=str(path), status="failed", error=f"{type(exc).__name__}: {exc}")
-                notes.append(f"failed {path.name}: {ms.error}")
-            ms.seconds = time.perf_counter() - t0
-            results.append(ms)
+                error = f"{type(exc).__name__}: {exc}"
+                scores = {k: ModelScore(model=str(path), status="failed", error=error) for k in kinds}
+                notes.append(f"failed {path.name}: {error}")
+            seconds = time.perf_counter() - t0
+            for k in kinds:
+                scores[k].seconds = seconds
+                per_kind[k].append(scores[k])
     finally:
         progress.close()
+    if store is not None:
+        notes += store.notes
 
-    ok = sorted((m for m in results if m.status == "ok"),
+    timing = {"inference_s": inference, "total_s": time.perf_counter() - t_start}
+    results = {k: _result(per_kind[k], score, k, strengths[k], seed, skipped, notes, truth, timing) for k in kinds}
+    bank = BankRanking(results=results, notes=notes, timing=timing, cache={} if store is None else store.to_dict())
+    if out is not None:
+        for k, result in results.items():
+            folder = Path(out) if len(kinds) == 1 else Path(out) / k
+            result.paths = write_outputs(result, folder, [f.name for f in files])
+            bank.paths[k] = result.paths
+        total = time.perf_counter() - t_start
+        for k, result in results.items():
+            result.timing["total_s"] = total
+            write_json(result.paths["rank_json"], result.to_dict())
+    bank.timing["total_s"] = time.perf_counter() - t_start
+    return bank
+
+
+def _result(models: list, score, perturbation, strength, seed, skipped, notes, truth, timing) -> RankResult:
+    ok = sorted((m for m in models if m.status == "ok"),
                 key=lambda m: (math.isnan(m.score), -m.score if not math.isnan(m.score) else 0.0, m.model))
     for i, m in enumerate(ok, 1):
         m.rank = i
-    ordered = ok + [m for m in results if m.status != "ok"]
+    ordered = ok + [m for m in models if m.status != "ok"]
     result = RankResult(models=ordered, score=score, perturbation=perturbation, strength=strength, seed=seed,
-                        skipped=skipped, notes=notes)
+                        skipped=skipped, notes=list(notes), timing=dict(timing))
     if truth is not None:
         result.correlations = _validation_rows(ok, seed)
-    result.timing = {"inference_s": inference, "total_s": time.perf_counter() - t_start}
-    if out is not None:
-        result.paths = write_outputs(result, out, [f.name for f in files])
-        result.timing["total_s"] = time.perf_counter() - t_start
-        write_json(Path(out) / "rank.json", result.to_dict())
     return result
 
 
@@ -400,3 +584,19 @@ def format_result(result: RankResult) -> str:
         text += f"\nnote: {note}"
     return text + "\n"
 
+
+
+def format_bank(bank: BankRanking) -> str:
+    """Every perturbation's ranking (what the CLI prints), then where the files are."""
+    parts = []
+    for kind, result in bank.results.items():
+        head = f"## {kind} (strength {result.strength:g})\n\n" if len(bank.results) > 1 else ""
+        parts.append(head + format_result(result))
+        where = Path(result.paths["rank_json"]) if result.paths else None
+        if where is not None:
+            parts.append(f"{where}: {len(result.ranked)} ranked, {len(result.models) - len(result.ranked)} failed, "
+                         f"{len(result.skipped)} skipped\n")
+    if bank.cache:
+        parts.append(f"cache {bank.cache['folder']}: {bank.cache['hits']} unperturbed predictions reused, "
+                     f"{bank.cache['written']} written\n")
+    return "".join(parts)

@@ -6,12 +6,19 @@ before Cellpose sees them: a missing path would make Cellpose download a builtin
 downloads anything. :func:`discover_models` lists the model files of a bank folder and says why it
 passes over anything else; files dqtool writes beside a model (``MODEL.json``, ``MODEL_losses.csv``,
 ``MODEL_loss.png``, ``MODEL_checkpoints/``) are passed over silently.
+
+Cellpose's built-in models (``cyto3``, ``nuclei``, ...) are taken by name from Cellpose's model folder
+(:func:`builtin_models`), as the files Cellpose itself would load there, and loaded with Cellpose's fixed
+diameter and size model (:func:`load_cellpose_model`); a missing file is an error, never a download.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from dqtool.common.errors import InputError
 
@@ -88,6 +95,19 @@ def model_file_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _is_training_record(path: Path) -> bool:
+    """dqtool's ``MODEL.json`` of a training whose model file is not written yet (running or killed)."""
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"config", "provenance", "identity"} <= set(doc)
+
+
 def discover_models(models_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
     """Model files in ``models_dir`` (sorted) and the (file, reason) of every other file.
 
@@ -105,7 +125,7 @@ def discover_models(models_dir: str | os.PathLike) -> tuple[list[Path], list[tup
     sidecars = {side for p in entries if p.is_file() for side in sidecar_paths(p).values()}
     models, skipped = [], []
     for path in entries:
-        if path in sidecars:
+        if path in sidecars or _is_training_record(path):
             continue
         if path.is_dir():
             sub = path / "models"  # train_seg's layout: <save_path>/models/<name>
@@ -147,4 +167,168 @@ def build_net(init: str | os.PathLike | None = None):
                               device=torch.device("cpu"))
     net = model.net
     net.mkldnn = False
+    return net
+
+
+# --------------------------------------------------------------------------------------------------
+# Cellpose's built-in models, by name, from Cellpose's own model folder (never downloaded)
+# --------------------------------------------------------------------------------------------------
+
+#: Built-in names whose network is not a Cellpose 3 ``CPnet`` (a SegFormer backbone); dqtool cannot rank them.
+TRANSFORMER_MODELS = ("transformer_cp3", "neurips_cellpose_transformer")
+
+
+def builtin_model_dir() -> Path:
+    """Cellpose's model folder: ``$CELLPOSE_LOCAL_MODELS_PATH``, else ``~/.cellpose/models``.
+
+    Read at call time (Cellpose reads it once, at import), so a test or a user can point it elsewhere.
+    """
+    env = os.environ.get("CELLPOSE_LOCAL_MODELS_PATH")
+    return Path(env).expanduser() if env else Path.home() / ".cellpose" / "models"
+
+
+def builtin_names() -> tuple[str, ...]:
+    """The built-in model names Cellpose 3 knows (``cellpose.models.MODEL_NAMES``) that dqtool can run."""
+    from cellpose.models import MODEL_NAMES
+
+    return tuple(dict.fromkeys(n for n in MODEL_NAMES if n not in TRANSFORMER_MODELS))
+
+
+def builtin_weight_name(name: str) -> str:
+    """The file Cellpose loads for built-in ``name`` (``cellpose.models.model_path``'s rule, index 0)."""
+    return f"{name}torch_0" if name in ("cyto", "cyto2", "nuclei") else name
+
+
+def builtin_size_name(name: str) -> str | None:
+    """The size model file of built-in ``name`` (``cellpose.models.size_model_path``), or None if it has none."""
+    if name == "cyto3":
+        return "size_cyto3.npy"
+    if name in ("cyto", "cyto2", "nuclei"):
+        return f"size_{name}torch_0.npy"
+    return None
+
+
+def builtin_diameter(name: str) -> float:
+    """Cellpose's ``diam_mean`` for a built-in model: 17 for nuclei, 30 for every other built-in."""
+    return 17.0 if name == "nuclei" else 30.0
+
+
+def _check_builtin_name(name: str) -> str:
+    known = builtin_names()
+    if name in known:
+        return name
+    if name in TRANSFORMER_MODELS:
+        raise InputError(f"built-in model {name!r}: a transformer (SegFormer) network, not a Cellpose 3 CPnet; "
+                         "dqtool runs CPnet models only")
+    raise InputError(f"built-in model {name!r}: not a name Cellpose 3 knows; known: {', '.join(known)}")
+
+
+def builtin_models(names: str | Sequence[str]) -> list[Path]:
+    """The weight files of built-in Cellpose models ``names`` (``"cyto3,nuclei"`` or a list), in that order.
+
+    Each is the file Cellpose itself would load from :func:`builtin_model_dir`. Nothing is downloaded: a
+    missing file is an :class:`InputError` naming the file and where to put it; an unknown name lists
+    the known ones.
+    """
+    if isinstance(names, str):
+        names = [n for n in (part.strip() for part in names.split(",")) if n]
+    folder = builtin_model_dir()
+    paths = []
+    for name in dict.fromkeys(names):
+        _check_builtin_name(name)
+        path = folder / builtin_weight_name(name)
+        if not path.is_file():
+            raise InputError(f"built-in model {name}: weight file {path} not found; dqtool never downloads: copy "
+                             f"Cellpose's file {path.name} into {folder} (or set CELLPOSE_LOCAL_MODELS_PATH to the "
+                             "folder that holds it)")
+        paths.append(path)
+    return paths
+
+
+def builtin_name_of(path: str | os.PathLike) -> str | None:
+    """The built-in name of a weight file in Cellpose's model folder, or None for any other file."""
+    path = Path(path)
+    try:
+        if path.resolve().parent != builtin_model_dir().resolve():
+            return None
+    except OSError:
+        return None
+    for name in builtin_names():
+        if builtin_weight_name(name) == path.name:
+            return name
+    return None
+
+
+def training_diameters(model: str | os.PathLike) -> tuple[float, float]:
+    """``(diam_mean, diam_labels)`` of a model file, where Cellpose stores them: in the state dict.
+
+    ``diam_mean`` is the diameter the network's inputs were rescaled to in training, ``diam_labels`` the
+    mean diameter of the training objects; Cellpose evaluates with ``rescale = diam_mean / diam_labels``
+    when no diameter is given. Files written by Cellpose's ``train_seg``, its GUI and dqtool alike hold
+    them, so no sidecar file is needed. A built-in model takes Cellpose's fixed ``diam_mean``
+    (:func:`builtin_diameter`), as Cellpose does.
+    """
+    state = load_state_dict(model)
+    diam_mean = float(state["diam_mean"].reshape(-1)[0]) if "diam_mean" in state else 30.0
+    diam_labels = float(state["diam_labels"].reshape(-1)[0]) if "diam_labels" in state else diam_mean
+    name = builtin_name_of(model)
+    if name is not None:
+        diam_mean = builtin_diameter(name)
+    return diam_mean, diam_labels
+
+
+class SizedCellposeModel:
+    """A ``CellposeModel`` with its size model: ``eval(diameter=None)`` estimates each image's diameter first.
+
+    What Cellpose's ``Cellpose`` class does for cyto3/cyto2/cyto/nuclei, without its constructor (which
+    downloads missing files). Every other attribute (``net``, ``diam_mean``, ...) is the model's own.
+    """
+
+    def __init__(self, model, size_file: Path):
+        from cellpose.models import SizeModel
+
+        self.model = model
+        self.size_file = Path(size_file)
+        self.size_model = SizeModel(model, device=model.device, pretrained_size=str(size_file))
+
+    def __getattr__(self, name):
+        if name == "model":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def estimate_diameter(self, x, channels=None, channel_axis=None, normalize=True, invert=False,
+                          batch_size: int = 8):
+        return self.size_model.eval(x, channels=channels, channel_axis=channel_axis, normalize=normalize,
+                                    invert=invert, batch_size=batch_size)[0]
+
+    def eval(self, x, diameter=None, **kwargs):
+        if diameter is None or (np.isscalar(diameter) and diameter == 0):
+            keys = ("channels", "channel_axis", "normalize", "invert", "batch_size")
+            diameter = self.estimate_diameter(x, **{k: kwargs[k] for k in keys if k in kwargs})
+        return self.model.eval(x, diameter=diameter, **kwargs)
+
+
+def load_cellpose_model(model: str | os.PathLike, device=None, size_model: bool = True):
+    """A ``CellposeModel`` for a checked model file, loaded as Cellpose loads it (never a download).
+
+    Any Cellpose 3 model file (dqtool's, ``train_seg``'s, the GUI's) takes its diameters from its state
+    dict. A built-in model's weight file in Cellpose's model folder (:func:`builtin_models`) gets
+    Cellpose's fixed ``diam_mean`` (17 nuclei, 30 else) and, when its size model file is beside it and
+    ``size_model`` is true, a :class:`SizedCellposeModel` that estimates each image's diameter.
+    """
+    import torch
+    from cellpose.models import CellposeModel
+
+    load_state_dict(model)  # clear error for a missing file or a file that is not a Cellpose model
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    path = check_model_path(model)
+    net = CellposeModel(pretrained_model=str(path), model_type=None, device=device)
+    name = builtin_name_of(path)
+    if name is None:
+        return net
+    net.diam_mean = builtin_diameter(name)
+    size = builtin_size_name(name)
+    if size_model and size is not None and (path.parent / size).is_file():
+        return SizedCellposeModel(net, path.parent / size)
     return net

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from dqtool.common.errors import InputError
+from dqtool.common.notices import known_notices_hidden
 from dqtool.common.progress import progress
 from dqtool.data.io import read_image, relabel_consecutive, write_labels
 from dqtool.data.naming import list_input_images
@@ -30,29 +31,47 @@ class PredictOptions:
     cellprob_threshold: float = 0.0
     batch_size: int = 8
 
+    def __post_init__(self):
+        import math
+
+        if self.diameter is not None and not (math.isfinite(self.diameter) and self.diameter > 0):
+            raise InputError(f"--diameter {self.diameter}: expected a cell diameter in pixels > 0 (or none for the "
+                             "model's own)")
+        for name in ("flow_threshold", "cellprob_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a finite number")
+        if self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size}: expected >= 1")
+
 
 def load_model(model: str | os.PathLike):
-    """A ``CellposeModel`` from a checked Cellpose 3 model file (never a download)."""
-    import torch
-    from cellpose.models import CellposeModel
+    """A ``CellposeModel`` from a checked Cellpose 3 model file (never a download).
 
-    from dqtool.segmentation.model_files import check_model_path, load_state_dict
+    A built-in model's file in Cellpose's model folder (``cyto3``, ``nucleitorch_0``, ...) is loaded as
+    Cellpose loads it, with its fixed diameter and size model (:func:`~dqtool.segmentation.model_files.
+    load_cellpose_model`).
+    """
+    from dqtool.segmentation.model_files import load_cellpose_model
 
-    load_state_dict(model)  # clear error for a missing file or a file that is not a Cellpose model
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return CellposeModel(pretrained_model=str(check_model_path(model)), model_type=None, device=device)
+    return load_cellpose_model(model)
 
 
-def segment(model, image: np.ndarray, options: PredictOptions = PredictOptions()) -> np.ndarray:
-    """Instance masks of one image ((H, W) or (H, W, 3)) with a loaded ``CellposeModel``."""
+def segment(model, image: np.ndarray, options: PredictOptions = PredictOptions(), normalize=True) -> np.ndarray:
+    """Instance masks of one image ((H, W) or (H, W, 3)) with a loaded ``CellposeModel``.
+
+    ``normalize``: Cellpose's ``normalize`` argument (a tile of a large image passes the whole image's
+    ``{"lowhigh": ...}``, so that every tile is normalised alike).
+    """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim == 2 and list(options.channels) != [0, 0]:
         raise InputError(f"channels {list(options.channels)}: the image is grayscale; use channels 0,0")
-    masks = model.eval(image, channels=list(options.channels), channel_axis=2 if image.ndim == 3 else None,
-                       diameter=options.diameter, flow_threshold=options.flow_threshold,
-                       cellprob_threshold=options.cellprob_threshold, batch_size=options.batch_size)[0]
+    with known_notices_hidden():  # torch's sparse-invariant notice from Cellpose's mask dynamics
+        masks = model.eval(image, channels=list(options.channels), channel_axis=2 if image.ndim == 3 else None,
+                           diameter=options.diameter, flow_threshold=options.flow_threshold,
+                           cellprob_threshold=options.cellprob_threshold, batch_size=options.batch_size,
+                           normalize=normalize)[0]
     return relabel_consecutive(np.asarray(masks))
 
 
@@ -69,8 +88,27 @@ def predict_arrays(model, images: Iterable[np.ndarray], options: PredictOptions 
 
 
 def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
-            options: PredictOptions = PredictOptions(), quiet: bool = False) -> list[Path]:
-    """``dqtool predict``: segment every image and write ``out_dir/<name>_cp_masks.tif``; returns the paths."""
+            options: PredictOptions = PredictOptions(), quiet: bool = False, level: int = 0,
+            tile: int = 1024, overlap: int = 128) -> list[Path]:
+    """``dqtool predict``: segment every image and write ``out_dir/<name>_cp_masks.tif``; returns the paths.
+
+    OME-Zarr images (``images`` is one, or a folder of ``*.zarr``) are read at ``level`` and segmented tile
+    by tile into ``out_dir/<name>_cp_masks.ome.zarr`` (:mod:`dqtool.segmentation.tiled`).
+    """
+    from dqtool.data.ome_zarr import find_ome_zarr_images
+
+    if zarr_images := find_ome_zarr_images(images):
+        import dataclasses
+
+        from dqtool.segmentation.tiled import predict_ome_zarr
+
+        net = load_model(model)
+
+        def run(region, channels, normalize):
+            return segment(net, region, dataclasses.replace(options, channels=channels), normalize=normalize)
+
+        return [predict_ome_zarr(run, p, out_dir, options.channels, level=level, tile=tile, overlap=overlap,
+                                 quiet=quiet) for p in zarr_images]
     files = list_input_images(images)
     net = load_model(model)
     out_dir = Path(out_dir)

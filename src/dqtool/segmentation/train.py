@@ -52,6 +52,7 @@ from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.errors import InputError
 from dqtool.common.progress import bar
 from dqtool.common.files import atomic_write, atomic_write_text, file_sha256
+from dqtool.common.outputs import kill_point, writing
 from dqtool.segmentation.model_files import build_net, check_model_path, load_state_dict, sidecar_paths
 from dqtool.common.tables import write_json
 from dqtool.selection.subsets import Subset
@@ -179,11 +180,27 @@ def _rng_scope(seed: int):
             np.random.set_state(np_state)
 
 
+def _read_resume(resume_file: Path, identity) -> dict:
+    """The resume checkpoint of this run, or an InputError (truncated, corrupt, another config)."""
+    import torch
+
+    try:
+        state = torch.load(str(resume_file), map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        raise InputError(f"{resume_file}: cannot read the resume checkpoint (truncated or corrupt: "
+                         f"{type(exc).__name__}); delete it to train from the start") from exc
+    if not isinstance(state, dict) or state.get("identity") != identity:
+        raise InputError(f"{resume_file}: checkpoint is from a different config; cannot resume")
+    return state
+
+
 @contextlib.contextmanager
 def _mkldnn_off():
     import torch
 
-    with torch.backends.mkldnn.flags(enabled=False):
+    from dqtool.common.notices import known_notices_hidden
+
+    with known_notices_hidden(), torch.backends.mkldnn.flags(enabled=False):
         yield
 
 
@@ -367,8 +384,18 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
 
     ``provenance`` describes where the patches came from (kept in the JSON and part of the run's
     identity). ``stop_after`` ends the run after that many epochs (as a kill would; used by tests).
+    The model is an output of :func:`dqtool.common.outputs.writing`: refused if it is an input or a file
+    dqtool did not write, locked against a second writer, OS faults one line.
     """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = [init, (provenance or {}).get("cache")]
+    with writing(out, "train", inputs):  # the lock covers the files beside the model too
+        return _train_patches(images, labels, out, config, init, provenance, resume, stop_after, quiet)
+
+
+def _train_patches(images, labels, out: Path, config: TrainConfig, init, provenance, resume, stop_after,
+                   quiet) -> TrainResult:
     paths = sidecar_paths(out)
     provenance = dict(provenance or {})
     if init is not None:
@@ -402,12 +429,14 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
         warns.append(f"min_train_masks = {config.min_train_masks} dropped {n_dropped} of {len(images)} patches "
                      f"(fewer masks than that); training on {keep.size}")
     for w in warns:
-        warnings.warn(w, stacklevel=2)
+        warnings.warn(w, stacklevel=3)  # the caller of train_patches, through its writing() wrapper
         _say(f"warning: {w}", quiet)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     paths["checkpoints"].mkdir(exist_ok=True)
     resume_file = paths["checkpoints"] / "resume.pt"
+    # read before the record is rewritten: a bad checkpoint is refused with every file as it was
+    resume_state = _read_resume(resume_file, identity) if resume and resume_file.exists() else None
     record = {"model": str(out), "complete": False, "identity": identity, "config": config.to_dict(),
               "provenance": provenance, "n_patches": int(keep.size), "n_dropped": int(n_dropped),
               "dropped_positions": [int(i) for i in np.setdiff1d(np.arange(len(images)), keep)],
@@ -439,10 +468,8 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
         net = build_net(init)
         optimizer = _optimizer(net, config)
         start, losses = 0, np.zeros(config.n_epochs)
-        if resume and resume_file.exists():
-            state = torch.load(str(resume_file), map_location="cpu", weights_only=False)
-            if state.get("identity") != identity:
-                raise InputError(f"{resume_file}: checkpoint is from a different config; cannot resume")
+        if resume_state is not None:
+            state = resume_state
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             start = int(state["epoch"])
@@ -456,6 +483,7 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
                 _save_state(resume_file, {"identity": identity, "epoch": done, "net": net.state_dict(),
                                           "optimizer": opt.state_dict(),
                                           "train_losses": np.array(losses_now[:done])})
+                kill_point("train:checkpoint")
             if stop_after is not None and done >= stop_after and done < config.n_epochs:
                 raise _Stopped(done)
 
@@ -469,6 +497,7 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
                                resumed_from=start, warnings=warns, complete=False)
         with atomic_write(out) as tmp:
             net.save_model(str(tmp))
+            kill_point("train:model")
         resume_file.unlink(missing_ok=True)  # finished: the epoch_NNNN checkpoints stay, the resume state goes
         diam_labels = float(net.diam_labels.item())
 

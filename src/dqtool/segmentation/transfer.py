@@ -20,7 +20,9 @@ stay, and re-running the same command reuses them (``resume=True`` continues an 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.errors import InputError
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.common.files import atomic_write_text, file_sha256
+from dqtool.common.outputs import writing
 from dqtool.segmentation.model_files import check_model_path, load_state_dict
 from dqtool.segmentation.train import TrainConfig, TrainResult, check_channels, load_patches, train_patches
 from dqtool.selection.subsets import Subset, random_subset, subset_total
@@ -202,6 +205,26 @@ def _open_study(out_dir: str | os.PathLike, spec: dict) -> Path:
     return out_dir
 
 
+def _one_writer(command: str):
+    """Run a transfer study under the lock of its folder (one writer at a time, one-line disk faults).
+
+    The folder's own refusal (a non-empty folder without ``study.json``) stays :func:`_open_study`'s.
+    """
+    def decorate(func):
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def locked(*args, **kwargs):
+            out_dir = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            with writing(out_dir, command, kind="folder", check=False):
+                return func(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
 def _check_evals(evals: Mapping[str, str] | None) -> dict:
     evals = dict(evals or {})
     for name, folder in evals.items():
@@ -262,6 +285,7 @@ def _patches(cache: str | os.PathLike, config: TrainConfig, indices=None):
 # public entry points
 
 
+@_one_writer("finetune")
 def finetune(init: str | os.PathLike, target: str | os.PathLike, out_dir: str | os.PathLike,
              subset: str | os.PathLike | None = None, evals: Mapping[str, str] | None = None,
              config: TrainConfig | None = None, resume: bool = False, quiet: bool = False) -> TransferResult:
@@ -328,6 +352,7 @@ def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int
     return subset
 
 
+@_one_writer("replay")
 def replay(init: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike,
            out_dir: str | os.PathLike, source_rate: float = 0.05, source_method: str = "dq",
            evals: Mapping[str, str] | None = None, config: TrainConfig | None = None, resume: bool = False,
@@ -357,6 +382,7 @@ def replay(init: str | os.PathLike, source: str | os.PathLike, target: str | os.
                        title=f"replay ({source_method}, source rate {source_rate:g})")
 
 
+@_one_writer("sequence")
 def sequence(caches: Sequence[str | os.PathLike], out_dir: str | os.PathLike, init: str | os.PathLike | None = None,
              evals: Mapping[str, str] | None = None, config: TrainConfig | None = None, resume: bool = False,
              names: Sequence[str] | None = None, quiet: bool = False) -> TransferResult:

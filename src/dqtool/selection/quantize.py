@@ -23,6 +23,7 @@ of the DQ subset next to the random one of the same size; :func:`select_to_files
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -33,6 +34,7 @@ import numpy as np
 from dqtool_kernels.quantization import DEFAULT_MEMORY, GAINS, bin_sizes, form_bins
 
 from dqtool.common.errors import InputError
+from dqtool.common.outputs import fault_code, kill_point, output_error, output_lock, write_marker, writing
 from dqtool.common.progress import bar
 from dqtool.data.cache import PatchCache
 from dqtool.features.store import load_features
@@ -241,18 +243,35 @@ def select_to_files(cache_path, rates, out, plot_dir=None, method: str = "dq", b
     if not out.parent.exists():
         raise InputError(f"{out.parent}: output folder does not exist")
     several = len(rates) > 1
-    results = [_select(cache_path, r, method, bins, gain, seed, sampling, memory, quiet) for r in rates]
-    written = []
-    for rate, (subset, *_) in zip(rates, results):
-        path = _out_for_rate(out, rate, several)
-        subset.write(path)
-        written.append((path, subset))
-    if plot_dir is not None:
-        from dqtool.selection.plots import plot_selection
+    paths = [_out_for_rate(out, rate, several) for rate in rates]
+    with contextlib.ExitStack() as outputs:
+        # the cache is an output too (its bins group); every output is checked and locked before any work
+        if Path(cache_path).exists():
+            outputs.enter_context(output_lock(cache_path))
+        for path in paths:
+            outputs.enter_context(writing(path, "select", [cache_path]))
+        if plot_dir is not None:
+            outputs.enter_context(writing(plot_dir, "select", [cache_path], kind="folder"))
+        try:
+            results = [_select(cache_path, r, method, bins, gain, seed, sampling, memory, quiet) for r in rates]
+        except (OSError, RuntimeError) as exc:  # storing the bins in the cache: a full disk names the cache
+            if fault_code(exc) is None:
+                raise
+            raise output_error(cache_path, exc) from exc
+        kill_point("select:selected")
+        written = []
+        for path, (subset, *_) in zip(paths, results):
+            subset.relative_to_file(path).write(path)
+            kill_point("select:written")
+            written.append((path, subset))
+        if plot_dir is not None:
+            from dqtool.selection.plots import plot_selection
 
-        for rate, (subset, features, dq, rnd, bin_of) in zip(rates, results):
-            suffix = f"_rate{rate:g}" if several else ""
-            plot_selection(subset.cache, features, dq, rnd, bin_of, plot_dir, suffix=suffix)
+            Path(plot_dir).mkdir(exist_ok=True)
+            write_marker(plot_dir, "select")
+            for rate, (subset, features, dq, rnd, bin_of) in zip(rates, results):
+                suffix = f"_rate{rate:g}" if several else ""
+                plot_selection(cache_path, features, dq, rnd, bin_of, plot_dir, suffix=suffix)
     return written
 
 

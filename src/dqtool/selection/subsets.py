@@ -25,7 +25,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,12 +34,12 @@ import numpy as np
 from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write_text
 from dqtool.common.progress import progress
-from dqtool.data.io import write_image_png
+from dqtool.data.io import write_image_png, write_seg_file
 
 #: Version of the subset file; files without one (written before it, or by hand) read as None.
 SUBSET_VERSION = 1
 
-__all__ = ["Subset", "SUBSET_VERSION", "subset_total", "random_subset", "export_subset", "exact_rate"]
+__all__ = ["Subset", "SUBSET_VERSION", "subset_total", "random_subset", "export_subset", "exact_rate", "EXPORT_INDEX"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,52 +173,149 @@ class Subset:
                              f"not {cpath} (hash {chash:.12})")
 
     def cache_path(self, subset_path: str | os.PathLike) -> Path:
-        """The cache the subset was selected on (a relative path is taken from the subset file's folder)."""
+        """The cache the subset was selected on.
+
+        ``cache`` in a subset file is relative to **the subset file's own folder** (what ``dqtool select``
+        writes, so the file works from any working directory and a folder moved whole keeps working), or
+        absolute. Files written before this rule held a path relative to the working directory of
+        ``select``: such a path is still taken as it is when nothing exists beside the subset file.
+        """
         p = Path(self.cache or "")
-        if not p.is_absolute() and not p.exists():
-            p = Path(subset_path).parent / p
+        if p.is_absolute():
+            return p
+        beside = Path(subset_path).parent / p
+        if beside.exists() or not p.exists():
+            return beside
         return p
+
+    def relative_to_file(self, subset_path: str | os.PathLike) -> Subset:
+        """This record with ``cache`` relative to the folder of the file ``subset_path`` (as written)."""
+        if not self.cache:
+            return self
+        where = os.path.abspath(Path(subset_path).parent)
+        try:
+            rel = os.path.relpath(os.path.abspath(self.cache), where)
+        except ValueError:  # another drive (Windows): absolute
+            rel = os.path.abspath(self.cache)
+        return replace(self, cache=Path(rel).as_posix())
 
 
 # ----------------------------------------------------------------------------------------------
 # export
 
 
-def export_subset(subset_path, out_dir, cache_path=None, quiet: bool = True) -> Path:
+#: The index ``dqtool export`` writes into its folder; it lists every exported file with its sha256.
+EXPORT_INDEX = "subset_patches.csv"
+_EXPORT_FIELDS = ["image", "masks", "patch_index", "bin", "domain", "source", "y", "x", "size", "image_sha256",
+                  "masks_sha256"]
+
+
+def _earlier_export(out_dir: Path) -> None:
+    """Refuse to replace an earlier export that holds anything but its own unedited files.
+
+    The earlier index gives each file's sha256 at export time: a file whose bytes differ was edited (a
+    mask corrected in the Cellpose GUI, say) and a file the index does not list is someone else's; dqtool
+    removes neither, so the export stops with one line naming it.
+    """
+    from dqtool.common.files import file_sha256
+    from dqtool.common.outputs import MARKER
+
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    index = out_dir / EXPORT_INDEX
+    digests: dict[str, str] = {}
+    if index.exists():
+        with open(index, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for name_key, sha_key in (("image", "image_sha256"), ("masks", "masks_sha256")):
+                    if row.get(name_key) and row.get(sha_key):
+                        digests[row[name_key]] = row[sha_key]
+    edited, foreign = [], []
+    for entry in sorted(out_dir.iterdir()):
+        if entry.name in (MARKER, EXPORT_INDEX) or entry.name.startswith("."):
+            continue
+        if entry.name not in digests or not entry.is_file():
+            foreign.append(entry.name)
+        elif file_sha256(entry) != digests[entry.name]:
+            edited.append(entry.name)
+    if edited:
+        raise InputError(f"{out_dir}: {edited[0]}{f' and {len(edited) - 1} more' if len(edited) > 1 else ''} "
+                         "changed after the export (sha256 differs from the index); dqtool will not overwrite or "
+                         "remove edited files: move them away, or export to another folder")
+    if foreign:
+        raise InputError(f"{out_dir}: holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                         " that the earlier export did not write; dqtool will not remove it: move it away, or "
+                         "export to another folder")
+
+
+def export_subset(subset_path, out_dir, cache_path=None, quiet: bool = True, seed_masks=None) -> Path:
     """``dqtool export``: the subset's patches as Cellpose-layout files for annotation or training.
 
     Writes ``NNN_img.png`` (uint8, gray or RGB as cached) and, when the cache has labels, ``NNN_masks.png``
     (uint16 instance ids) for NNN = 000, 001, ... in index order, plus ``subset_patches.csv`` mapping each
-    file to its patch index, bin, domain, source image and (y, x) offset. Returns the CSV path.
+    file to its patch index, bin, domain, source image, (y, x) offset and the sha256 of the file as
+    exported. Returns the CSV path.
+
+    ``seed_masks`` (a function: patch image -> instance masks, see
+    :func:`dqtool.segmentation.seeds.export_with_seed_masks`): instead of ``NNN_masks.png``, write its masks of
+    each patch as ``NNN_img_seg.npy``, the Cellpose GUI's own file, so the annotator opens ``NNN_img.png`` in the GUI
+    and corrects the outlines instead of drawing them; the corrected ``_seg.npy`` files are label files for
+    ``dqtool patches`` (:mod:`dqtool.data.naming`).
+
+    The folder is written whole beside ``out_dir`` and swapped in when complete, so a kill leaves the
+    earlier export (or none). An earlier export there is replaced only if it holds nothing but its own
+    unedited files (:func:`_earlier_export`); a non-empty folder dqtool did not write is refused.
     """
+    import shutil
+
+    from dqtool.common.files import file_sha256
+    from dqtool.common.outputs import kill_point, swap_folder, write_marker, writing
     from dqtool.data.cache import PatchCache  # h5py
 
     subset = Subset.read(subset_path)
     cache_file = Path(cache_path) if cache_path is not None else subset.cache_path(subset_path)
     out_dir = Path(out_dir)
-    with PatchCache(cache_file) as cache:
-        subset.check_cache(cache, str(subset_path))
-        idx = subset.index_array()
-        bins_of = subset.bins or [None] * len(idx)
-        width = max(3, len(str(max(len(idx) - 1, 0))))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for k in progress(range(len(idx)), total=len(idx), desc="export", quiet=quiet):
-            i = int(idx[k])
-            stem = f"{k:0{width}d}"
-            img = cache.images([i])[0]
-            write_image_png(out_dir / f"{stem}_img.png", img[..., 0] if img.shape[-1] == 1 else img)
-            mask_name = ""
-            if cache.has_labels:
-                mask_name = f"{stem}_masks.png"
-                write_image_png(out_dir / mask_name, cache.labels([i])[0].astype(np.uint16))
-            y, x = (int(v) for v in cache.offsets[i])
-            rows.append({"image": f"{stem}_img.png", "masks": mask_name, "patch_index": i, "bin": bins_of[k],
-                         "domain": str(cache.domain_of_patch[i]), "source": str(cache.source_of_patch[i]),
-                         "y": y, "x": x, "size": cache.patch_size})
-    buf = io.StringIO()
-    fields_ = ["image", "masks", "patch_index", "bin", "domain", "source", "y", "x", "size"]
-    writer = csv.DictWriter(buf, fieldnames=fields_, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(out_dir / "subset_patches.csv", buf.getvalue())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir, "export", [subset_path, cache_file], kind="folder"):
+        _earlier_export(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            with PatchCache(cache_file) as cache:
+                subset.check_cache(cache, str(subset_path))
+                idx = subset.index_array()
+                bins_of = subset.bins or [None] * len(idx)
+                width = max(3, len(str(max(len(idx) - 1, 0))))
+                rows = []
+                for k in progress(range(len(idx)), total=len(idx), desc="export", quiet=quiet):
+                    i = int(idx[k])
+                    stem = f"{k:0{width}d}"
+                    img = cache.images([i])[0]
+                    write_image_png(tmp / f"{stem}_img.png", img[..., 0] if img.shape[-1] == 1 else img)
+                    mask_name = ""
+                    if seed_masks is not None:
+                        mask_name = f"{stem}_img_seg.npy"
+                        write_seg_file(tmp / mask_name, seed_masks(img[..., 0] if img.shape[-1] == 1 else img),
+                                       f"{stem}_img.png")
+                    elif cache.has_labels:
+                        mask_name = f"{stem}_masks.png"
+                        write_image_png(tmp / mask_name, cache.labels([i])[0].astype(np.uint16))
+                    y, x = (int(v) for v in cache.offsets[i])
+                    rows.append({"image": f"{stem}_img.png", "masks": mask_name, "patch_index": i, "bin": bins_of[k],
+                                 "domain": str(cache.domain_of_patch[i]), "source": str(cache.source_of_patch[i]),
+                                 "y": y, "x": x, "size": cache.patch_size,
+                                 "image_sha256": file_sha256(tmp / f"{stem}_img.png"),
+                                 "masks_sha256": file_sha256(tmp / mask_name) if mask_name else ""})
+                    kill_point("export:patch")
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=_EXPORT_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(tmp / EXPORT_INDEX, buf.getvalue())
+            write_marker(tmp, "export")
+            kill_point("export:written")
+            swap_folder(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / EXPORT_INDEX

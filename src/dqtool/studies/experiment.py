@@ -29,6 +29,7 @@ import numpy as np
 from dqtool.common.errors import InputError
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import atomic_write_text
+from dqtool.common.outputs import write_marker, writing
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
@@ -178,10 +179,17 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
         raise InputError("give a CONFIG file or --quick")
     config = load_config(config) if not isinstance(config, dict) else check_config(config)
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out, "experiment", kind="folder"):  # a study folder: refused if a lab's, locked, one-line faults
+        return _run_experiment(config, out, quiet)
+
+
+def _run_experiment(config: dict, out: Path, quiet: bool) -> ExperimentResult:
     record = out / "experiment.json"
     if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(config)):
         raise InputError(f"{out}: holds a study with a different config; choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "experiment")
     write_json(record, config)
     tables_dir = out / "tables"
     tables_dir.mkdir(exist_ok=True)

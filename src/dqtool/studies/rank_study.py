@@ -32,6 +32,7 @@ from scipy.stats import rankdata
 from dqtool.common.errors import InputError
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import atomic_write_bytes
+from dqtool.common.outputs import write_marker, writing
 from dqtool.common.progress import progress
 from dqtool.common.tables import write_json, write_table
 from dqtool.data.synthetic import DOMAINS, generate
@@ -197,6 +198,14 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False
     out = Path(out)
     if target not in DOMAINS:
         raise InputError(f"target {target!r}: expected one of the embedded domains {', '.join(DOMAINS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out, "rank-study", kind="folder"):  # a study folder: refused if a lab's, locked, one-line faults
+        out.mkdir(exist_ok=True)
+        write_marker(out, "rank-study")
+        return _rank_study(out, target, budget, perturbations, seed, quiet)
+
+
+def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet: bool) -> RankStudyResult:
     data = generate(out / "data", seed=seed, n_train=budget.n_train, n_test=budget.n_test, size=budget.size,
                     quiet=quiet)
     build_bank(data, out, budget.members, bsize=budget.bsize, nimg_per_epoch=budget.nimg_per_epoch, seed=seed,
