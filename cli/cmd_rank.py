@@ -47,16 +47,21 @@ class PerturbationList(click.ParamType):
               help="Cell diameter in px (default: each model's training diameter).")
 @click.option("--out", type=click.Path(file_okay=False), default="rank", show_default=True,
               help="Folder for ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and cache/.")
+@click.option("--builtin", default=None, metavar="NAMES",
+              help="Also rank Cellpose's built-in models by name, e.g. cyto3,nuclei (from CELLPOSE_LOCAL_MODELS_PATH; "
+                   "never downloaded).")
 @click.option("--no-cache", is_flag=True,
               help="Neither read nor write OUT/cache/ (the unperturbed predictions a later run reuses).")
 @quiet_option
 @user_errors
-def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, diameter, out, no_cache, quiet):
+def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, diameter, out, builtin, no_cache,
+             quiet):
     """Rank the Cellpose models in MODELS_DIR on target images without labels."""
     from dqtool.ranking.rank import format_bank, rank_bank
 
     bank = rank_bank(models_dir, images, labels=labels, perturbations=perturbations, strength=strength, out=out,
-                     score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet), cache=not no_cache)
+                     score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet), cache=not no_cache,
+                     builtin=builtin)
     click.echo(format_bank(bank), nl=False)
 
 

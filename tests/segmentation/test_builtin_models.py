@@ -118,3 +118,25 @@ def test_a_model_from_cellpose_train_seg_needs_no_sidecar(tmp_path, no_network):
     assert diam_mean == 30.0 and 5.0 < diam_labels < 15.0
     loaded = mf.load_cellpose_model(models[0], device=torch.device("cpu"))
     assert float(loaded.diam_labels) == pytest.approx(diam_labels)
+
+
+def test_rank_takes_builtin_models_by_name(cellpose_folder, tmp_path):
+    """`dqtool rank DIR --builtin cyto3,nuclei` ranks the folder's models and the built-ins together."""
+    from click.testing import CliRunner
+
+    from dqtool.data.io import write_image_png
+    from dqtool_cli.main import cli
+
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    _save_random_cpnet(bank / "mine.pth", 2)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, img in enumerate(disc_images(n_images=2, size=64, n_cells=5, seed=3)[0]):
+        write_image_png(images / f"t{i}.png", img)
+    res = CliRunner().invoke(cli, ["rank", str(bank), "--images", str(images), "--builtin", "cyto3,nuclei",
+                                   "--perturb", "noise", "--score", "nhd", "--no-cache", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "mine.pth" in res.output and "cyto3" in res.output and "nucleitorch_0" in res.output
+    res = CliRunner().invoke(cli, ["rank", str(bank), "--images", str(images), "--builtin", "cyto9", "--quiet"])
+    assert res.exit_code == 1 and "cyto9" in res.output

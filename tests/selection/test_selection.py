@@ -166,6 +166,23 @@ def test_random_method_and_rate_extremes(cache):
     assert first.config["sampling"] == "first"
 
 
+def test_kcenter_method_is_the_farthest_first_traversal_of_the_subset_size(cache):
+    from dqtool_kernels.kcenter import kcenter_reference
+
+    feats = load_features(cache)
+    n = len(feats)
+    dq = sel.select_subset(cache, 0.3, bins=2, seed=5)
+    kc = sel.select_subset(cache, 0.3, bins=2, seed=5, method="kcenter")
+    assert kc.method == "kcenter" and kc.n_selected == dq.n_selected
+    assert list(kc.indices) == sorted(kcenter_reference(feats, dq.n_selected).tolist())
+    assert set(kc.coverage) == {"dq", "random", "kcenter"}
+    assert kc.coverage["kcenter"]["covering_radius"] <= kc.coverage["random"]["covering_radius"] + 1e-9
+    assert list(sel.select_subset(cache, 0.3, bins=2, seed=9, method="kcenter").indices) == list(kc.indices)
+    assert list(sel.select_subset(cache, 1.0, bins=2, method="kcenter").indices) == list(range(n))
+    with pytest.raises(InputError, match="0 of"):
+        sel.select_subset(cache, 0.1 / n, method="kcenter")
+
+
 @pytest.mark.parametrize("kwargs, match", [({"rate": 0}, "rate"), ({"rate": 1.5}, "rate"),
                                            ({"rate": 0.1, "bins": 0}, "bins"), ({"rate": 0.1, "bins": 10**6}, "bins"),
                                            ({"rate": 0.1, "gain": "x"}, "gain"),

@@ -36,7 +36,7 @@ from dqtool.ranking.passes import EvalSettings, ModelPasses, Prediction
 from dqtool.ranking.perturb import PERTURBATIONS, bottleneck_dropout, default_strength, perturb_image
 from dqtool.common.progress import bar
 from dqtool.common.tables import format_markdown, write_json, write_table
-from dqtool.segmentation.model_files import discover_models
+from dqtool.segmentation.model_files import builtin_models, discover_models
 
 __all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations"]
 
@@ -443,20 +443,21 @@ class BankRanking:
 def rank_models(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
                 perturbation: str = "dropout", strength: float | None = None, out: str | os.PathLike | None = None,
                 score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
-                quiet: bool = True, cache: bool = True) -> RankResult:
+                quiet: bool = True, cache: bool = True, builtin=None) -> RankResult:
     """``dqtool rank`` with one perturbation: the :class:`RankResult` of :func:`rank_bank`."""
     kinds = parse_perturbations(perturbation)
     if len(kinds) != 1:
         raise InputError(f"perturbation {perturbation!r}: rank_models takes one; rank_bank takes a list")
     bank = rank_bank(models_dir, images, labels=labels, perturbations=kinds, strength=strength, out=out,
-                     score=score, seed=seed, diameter=diameter, batch_size=batch_size, quiet=quiet, cache=cache)
+                     score=score, seed=seed, diameter=diameter, batch_size=batch_size, quiet=quiet, cache=cache,
+                     builtin=builtin)
     return bank.results[kinds[0]]
 
 
 def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
               perturbations="dropout", strength=None, out: str | os.PathLike | None = None,
               score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
-              quiet: bool = True, cache: bool = True) -> BankRanking:
+              quiet: bool = True, cache: bool = True, builtin=None) -> BankRanking:
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
@@ -464,7 +465,9 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
     with ``labels``, validation.* into ``out``; several write them into ``out/<perturbation>/``, the
     same files a run with that perturbation alone writes. The unperturbed predictions are cached in
-    ``out/cache/`` unless ``cache`` is False.
+    ``out/cache/`` unless ``cache`` is False. ``builtin`` (``"cyto3,nuclei"`` or a list) adds Cellpose's
+    built-in models by name, read from Cellpose's model folder and never downloaded
+    (:func:`dqtool.segmentation.model_files.builtin_models`).
     """
     t_start = time.perf_counter()
     kinds = parse_perturbations(perturbations)
@@ -472,6 +475,8 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
         raise InputError(f"score {score!r}: expected one of {', '.join(SCORES)}")
     strengths = resolve_strengths(kinds, strength)
     model_files, skipped = discover_models(models_dir)
+    if builtin:
+        model_files += builtin_models(builtin)
     if not model_files:
         detail = f"; skipped: {', '.join(Path(f).name + ' (' + r + ')' for f, r in skipped)}" if skipped else ""
         raise InputError(f"{models_dir}: no Cellpose model files found{detail}")

@@ -444,7 +444,6 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
     write_json(paths["json"], record)
 
     t0 = time.perf_counter()
-    import torch
 
     if config.engine == "train_seg":
         if stop_after is not None:
