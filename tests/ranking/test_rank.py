@@ -21,6 +21,7 @@ from dqtool.common.errors import InputError
 from dqtool.data.io import write_labels
 from dqtool.ranking.perturb import bottleneck_dropout, perturb_image
 from dqtool_cli.main import cli
+from factories import blob_image
 
 
 # ---------------------------------------------------------------- a tiny stand-in for CellposeModel
@@ -44,16 +45,6 @@ class TinyCellpose:
             out = self.net(data)[0][0, 2].numpy()
         cellprob = 8.0 * (x - 0.45) + 2.0 * out
         return connected_components(cellprob > 0), [None, None, cellprob], None
-
-
-def blob_image(seed, size=64):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    img = np.zeros((size, size), np.float32)
-    for _ in range(6):
-        cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(4, 8)
-        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-    return np.clip(img, 0, 1)
 
 
 def sigmoid(x):
