@@ -263,7 +263,7 @@ def _kcenter_numba(rows, k, first, stats):
     return picks
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True)  # in-order sums; quantization._row_sq_norms reassociates (fastmath): not the same bits
 def _sq_norms(rows):
     n, d = rows.shape
     out = np.empty(n, dtype=np.float64)
@@ -375,6 +375,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._triton_argmax import reduce_block_winners, store_block_argmax
+
     @triton.jit
     def _row_min_kernel(rows_ptr, r_ptr, picked_ptr, chosen_ptr, blk_val_ptr, blk_idx_ptr, n, d, stride,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -396,26 +398,13 @@ if triton_available():
         r = tl.minimum(r, acc)
         tl.store(r_ptr + offs, r, mask=inside)
         live = inside & (tl.load(picked_ptr + offs, mask=inside, other=1) == 0)
-        val = tl.where(live, r, -1.0)
-        best = tl.max(val, axis=0)
-        cand = tl.where(live & (val == best), offs, n + BLOCK_N)
-        idx = tl.min(cand, axis=0)
-        idx = tl.where(idx < n, idx, -1)
-        tl.store(blk_val_ptr + pid, best)
-        tl.store(blk_idx_ptr + pid, idx)
+        store_block_argmax(tl.where(live, r, -1.0), live, offs, n, pid, blk_val_ptr, blk_idx_ptr, BLOCK_N)
 
     @triton.jit
     def _next_pick_kernel(blk_val_ptr, blk_idx_ptr, n_blocks, picked_ptr, chosen_ptr, order_ptr, j,
                           BLOCK: tl.constexpr):
         """Reduce the block winners (lowest index on ties), record pick j, mark it picked."""
-        offs = tl.arange(0, BLOCK)
-        idx = tl.load(blk_idx_ptr + offs, mask=offs < n_blocks, other=-1)
-        val = tl.load(blk_val_ptr + offs, mask=offs < n_blocks, other=-1.0)
-        valid = idx >= 0
-        val = tl.where(valid, val, -2.0)
-        best = tl.max(val, axis=0)
-        cand = tl.where(valid & (val == best), idx, 2147483647)
-        pick = tl.min(cand, axis=0)
+        pick = reduce_block_winners(blk_val_ptr, blk_idx_ptr, n_blocks, BLOCK)
         tl.store(chosen_ptr, pick)
         tl.store(order_ptr + j, pick)
         tl.store(picked_ptr + pick, 1)

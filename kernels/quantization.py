@@ -478,14 +478,8 @@ def _heap_push(key, ids, size, k, i):
 
 
 @numba.njit(cache=True)
-def _heap_pop(key, ids, size):
-    """Remove the top (largest key); returns the new size (the popped id was ids[0] before the call)."""
-    size -= 1
-    if size == 0:
-        return 0
-    k = key[size]
-    i = ids[size]
-    pos = 0
+def _sift_down(key, ids, pos, size, k, i):
+    """Place (k, i) at ``pos`` of the max-heap of ``size`` entries and move it down to its level."""
     while True:
         child = 2 * pos + 1
         if child >= size:
@@ -499,28 +493,21 @@ def _heap_pop(key, ids, size):
         pos = child
     key[pos] = k
     ids[pos] = i
+
+
+@numba.njit(cache=True)
+def _heap_pop(key, ids, size):
+    """Remove the top (largest key); returns the new size (the popped id was ids[0] before the call)."""
+    size -= 1
+    if size > 0:
+        _sift_down(key, ids, 0, size, key[size], ids[size])
     return size
 
 
 @numba.njit(cache=True)
 def _heapify(key, ids, size):
     for start in range((size - 2) // 2, -1, -1):
-        k = key[start]
-        i = ids[start]
-        pos = start
-        while True:
-            child = 2 * pos + 1
-            if child >= size:
-                break
-            if child + 1 < size and key[child + 1] > key[child]:
-                child += 1
-            if key[child] <= k:
-                break
-            key[pos] = key[child]
-            ids[pos] = ids[child]
-            pos = child
-        key[pos] = k
-        ids[pos] = i
+        _sift_down(key, ids, start, size, key[start], ids[start])
 
 
 # query kinds: 0 nearest to c (paper, m > 0), 1 linear (paper, m = 0), 2 farthest from c (paper, m < 0),
@@ -830,6 +817,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._triton_argmax import reduce_block_winners, store_block_argmax
+
     @triton.jit
     def _gain_step_kernel(rows_ptr, sq_ptr, acc_ptr, base_ptr, alive_ptr, chosen_ptr, blk_val_ptr, blk_idx_ptr,
                           weights_ptr, k, n, d, stride, has_new,
@@ -866,27 +855,13 @@ if triton_available():
         beta = tl.load(weights_ptr + 2 * k + 1)
         base = tl.load(base_ptr + offs, mask=inside, other=0.0)
         score = tl.where(alive, alpha * acc + beta * base, -float("inf"))
-        best = tl.max(score, axis=0)
-        # first index attaining the max; -1 when the block has no live candidate
-        cand = tl.where(alive & (score == best), offs, n + BLOCK_N)
-        idx = tl.min(cand, axis=0)
-        idx = tl.where(idx < n, idx, -1)
-        tl.store(blk_val_ptr + pid, best)
-        tl.store(blk_idx_ptr + pid, idx)
+        store_block_argmax(score, alive, offs, n, pid, blk_val_ptr, blk_idx_ptr, BLOCK_N)
 
     @triton.jit
     def _pick_kernel(blk_val_ptr, blk_idx_ptr, n_blocks, alive_ptr, chosen_ptr, order_ptr, k,
                      BLOCK: tl.constexpr):
         """Reduce the block winners (lowest index on ties), record the pick, retire it from the pool."""
-        offs = tl.arange(0, BLOCK)
-        idx = tl.load(blk_idx_ptr + offs, mask=offs < n_blocks, other=-1)
-        val = tl.load(blk_val_ptr + offs, mask=offs < n_blocks, other=-float("inf"))
-        valid = idx >= 0
-        val = tl.where(valid, val, -float("inf"))
-        best = tl.max(val, axis=0)
-        big = 2147483647
-        cand = tl.where(valid & (val == best), idx, big)
-        pick = tl.min(cand, axis=0)
+        pick = reduce_block_winners(blk_val_ptr, blk_idx_ptr, n_blocks, BLOCK)
         tl.store(chosen_ptr, pick)
         tl.store(order_ptr + k, pick)
         tl.store(alive_ptr + pick, 0)
