@@ -522,7 +522,8 @@ def _(r):
 @pytest.mark.parametrize("build, args, names", CASES)
 def test_input_fault(tmp_path, build, args, names, refused):
     build(tmp_path)
-    refused(args, names=names)
+    line = refused(args, names=names)  # exit 1, one stderr line naming each of names, every file unchanged
+    assert line.startswith("error: ") and all(str(name) in line for name in names)
 
 
 # -- the patch cache, subsets and features --------------------------------------------------------
