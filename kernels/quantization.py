@@ -445,20 +445,25 @@ def _unit_dot(rows, i, w, nxi):
 
 
 @numba.njit(cache=True)
+def _add_row(out, rows, i, nx, unit):
+    """out += rows[i] in float64, or its unit row rows[i] / ||rows[i]|| (a zero row adds nothing)."""
+    d = rows.shape[1]
+    if unit:
+        if nx[i] > 0.0:
+            r = np.sqrt(nx[i])
+            for j in range(d):
+                out[j] += np.float64(rows[i, j]) / r
+    else:
+        for j in range(d):
+            out[j] += np.float64(rows[i, j])
+
+
+@numba.njit(cache=True)
 def _sum_rows(rows, ids, nx, unit):
     """sum_i rows[ids[i]] in float64, or of the unit rows rows / ||rows|| (zero rows add nothing)."""
-    d = rows.shape[1]
-    out = np.zeros(d, dtype=np.float64)
+    out = np.zeros(rows.shape[1], dtype=np.float64)
     for t in range(ids.shape[0]):
-        i = ids[t]
-        if unit:
-            if nx[i] > 0.0:
-                r = np.sqrt(nx[i])
-                for j in range(d):
-                    out[j] += np.float64(rows[i, j]) / r
-        else:
-            for j in range(d):
-                out[j] += np.float64(rows[i, j])
+        _add_row(out, rows, ids[t], nx, unit)
     return out
 
 
@@ -759,14 +764,7 @@ def _search_bin(rows, nx, pool, size, mode, n_all, base, out, stats, scan_after)
         live[q] = last
         where[last] = q
         n_live -= 1
-        if mode == 1:
-            if nx[gi] > 0.0:
-                r = np.sqrt(nx[gi])
-                for j in range(d):
-                    s_k[j] += np.float64(rows[gi, j]) / r
-        else:
-            for j in range(d):
-                s_k[j] += np.float64(rows[gi, j])
+        _add_row(s_k, rows, gi, nx, mode == 1)
 
 
 SCAN_AFTER = 8  # a step touching more than 1/8 of the live candidates three times in a row: full scans
