@@ -203,3 +203,23 @@ def test_every_images_folder_name_holds_no_labels(tmp_path):
     res = run("--gt", tmp_path / "gt", "--pred", tmp_path / "pred", "--out", tmp_path / "o")
     assert res.exit_code == 0, res.output
     assert [f.path.parent.name for f in find_label_files(tmp_path / "gt")] == ["masks"]
+
+
+def test_stale_problems_are_removed_only_from_evals_own_folder(tmp_path):
+    """A clean rerun drops the problems files an earlier eval wrote there, never a user's file of that name."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    y = cells((40, 50), 10, seed=1)
+    png(gt / "000_masks.png", y)
+    png(pred / "000_cp_masks.png", y)
+    png(gt / "001_masks.png", y)  # unpaired: a problem on the first run
+    out = tmp_path / "out"
+    assert run("--gt", gt, "--pred", pred, "--out", out).exit_code == 3
+    assert (out / "problems.csv").exists()
+    (gt / "001_masks.png").unlink()
+    assert run("--gt", gt, "--pred", pred, "--out", out).exit_code == 0
+    assert not (out / "problems.csv").exists()  # eval's own folder: the stale list is gone
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "problems.csv").write_text("my notes\n")
+    assert run("--gt", gt, "--pred", pred, "--out", users).exit_code == 0
+    assert (users / "problems.csv").read_text() == "my notes\n"  # not eval's folder: left alone

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dqtool.common.errors import InputError
+from dqtool.common.outputs import folder_marker, write_marker
 from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.data.io import read_labels
@@ -216,6 +217,8 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
 def _write(report: FolderEvaluation, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
+    if folder_marker(out) is None and not any(out.iterdir()):
+        write_marker(out, "eval")  # a folder this command made: later reruns may replace its own files
     per_image = write_table(report.result.per_image, out / "per_image")
     paths["per_image"] = per_image["csv"]
     summary = write_table(report.result.summary, out / "summary")
@@ -225,7 +228,9 @@ def _write(report: FolderEvaluation, out: Path) -> dict[str, Path]:
     if problems:
         text += "\n## Problems\n\n" + format_markdown(problems)
         paths["problems"] = write_table(problems, out / "problems")["csv"]
-    else:  # a clean rerun into the same folder must not keep an old run's problems
+    elif (folder_marker(out) or {}).get("command") == "eval":
+        # a clean rerun into a folder an earlier `dqtool eval` wrote must not keep that run's problems;
+        # in any other folder a problems file may be a user's and is left alone
         for suffix in (".csv", ".md", ".json"):
             (out / "problems").with_suffix(suffix).unlink(missing_ok=True)
     paths["summary_md"] = atomic_write_text(out / "summary.md", text)
