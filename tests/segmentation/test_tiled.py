@@ -7,20 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from dqtool.evaluation.metrics import instance_scores
 from factories import disc_images
-
-
-def match_rate(reference: np.ndarray, other: np.ndarray, threshold: float = 0.9) -> float:
-    """Fraction of ``reference``'s instances with an instance of ``other`` at IoU >= ``threshold``."""
-    ids = np.unique(reference)
-    ids = ids[ids > 0]
-    hits = 0
-    for i in ids:
-        m = reference == i
-        found, counts = np.unique(other[m], return_counts=True)
-        j = found[np.argmax(counts)]
-        hits += j > 0 and counts.max() / np.logical_or(m, other == j).sum() >= threshold
-    return hits / max(len(ids), 1)
 
 
 @pytest.mark.slow
@@ -50,5 +38,6 @@ def test_tiled_cellpose_matches_whole_image_prediction(tmp_path):
     stitch_tiles(lambda region: segment(net, region), lambda y0, y1, x0, x1: image[y0:y1, x0:x1], tiled,
                  tile=128, overlap=48)
     assert whole.max() >= 40, whole.max()  # the model segments the discs at all
-    rates = (match_rate(whole, tiled), match_rate(tiled, whole))
+    (at_09,) = instance_scores(whole, tiled, 0.9)  # matched at IoU >= 0.9, both ways
+    rates = (at_09.recall, at_09.precision)
     assert min(rates) >= 0.95, rates
