@@ -175,3 +175,28 @@ def training_options(func):
     for option in reversed(options):
         with_config = option(with_config)
     return with_config
+
+
+def cluster_options(func):
+    """``--workers N`` / ``--scheduler ADDRESS``: run the command's independent tasks on Dask.
+
+    The command receives ``cluster`` (a :class:`dqtool.common.cluster.Cluster`; ``Cluster()`` is the serial
+    path, where Dask is never imported).
+    """
+    func = click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Run the tasks on an existing Dask cluster (e.g. tcp://host:8786, from `dask scheduler` "
+                             "or dask-jobqueue).")(func)
+    func = click.option("--workers", type=int, default=None, metavar="N",
+                        help="Run the tasks on a local Dask cluster of N single-threaded worker processes.")(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, workers=None, scheduler=None, **kwargs):
+        from dqtool.common.cluster import Cluster
+
+        try:
+            cluster = Cluster(workers=workers, scheduler=scheduler)
+        except InputError as exc:
+            raise click.UsageError(str(exc)) from None
+        return func(*args, cluster=cluster, **kwargs)
+
+    return wrapper
