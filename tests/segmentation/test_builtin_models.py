@@ -135,8 +135,10 @@ def test_rank_takes_builtin_models_by_name(cellpose_folder, tmp_path):
     for i, img in enumerate(disc_images(n_images=2, size=64, n_cells=5, seed=3)[0]):
         write_image_png(images / f"t{i}.png", img)
     res = CliRunner().invoke(cli, ["rank", str(bank), "--images", str(images), "--builtin", "cyto3,nuclei",
-                                   "--perturb", "noise", "--score", "nhd", "--no-cache", "--quiet"])
+                                   "--perturb", "noise", "--score", "nhd", "--no-cache", "--quiet",
+                                   "--out", str(tmp_path / "rank")])
     assert res.exit_code == 0, res.output
     assert "mine.pth" in res.output and "cyto3" in res.output and "nucleitorch_0" in res.output
-    res = CliRunner().invoke(cli, ["rank", str(bank), "--images", str(images), "--builtin", "cyto9", "--quiet"])
+    res = CliRunner().invoke(cli, ["rank", str(bank), "--images", str(images), "--builtin", "cyto9", "--quiet",
+                                   "--out", str(tmp_path / "rank9")])
     assert res.exit_code == 1 and "cyto9" in res.output
