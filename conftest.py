@@ -50,3 +50,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "triton" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dask (issue 16): one 2-worker cluster for the session's distributed tests
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A Dask client of one 2-worker ``LocalCluster`` (processes, one thread each, dqtool's own settings:
+    :func:`dqtool.common.cluster.client_for`), started once for the whole session on first use. Tests pass
+    ``client.scheduler.address`` to ``--scheduler`` (or ``client=`` to ``run_tasks``), so the equality tests
+    of every distributed command share one cluster instead of starting their own."""
+    pytest.importorskip("distributed")
+    from dqtool.common.cluster import Cluster, client_for
+
+    with client_for(Cluster(workers=2), quiet=True) as client:
+        client.wait_for_workers(2, timeout=60)
+        yield client
+
+
+@pytest.fixture()
+def dask_scheduler(dask_client):
+    """The address of the session's 2-worker cluster (``--scheduler ADDRESS``), both workers up."""
+    dask_client.wait_for_workers(2, timeout=60)
+    return dask_client.scheduler.address
+
+
+@pytest.fixture()
+def worker_death(dask_client, tmp_path):
+    """``arm(kind)`` -> flag file: on the session's cluster, the first task of ``kind`` to start creates the
+    flag and kills its own worker process, once (dqtool's test-only hook ``DQTOOL_TASK_DIE``); the nanny
+    starts a new worker and Dask reruns the task. The hook is removed from the workers afterwards."""
+    armed = []
+
+    def arm(kind: str):
+        flag = tmp_path / f"died-{kind}"
+        dask_client.run(exec, f"import os; os.environ['DQTOOL_TASK_DIE'] = {f'{kind}:{flag}'!r}")
+        armed.append(flag)
+        return flag
+
+    yield arm
+    if armed:
+        dask_client.run(exec, "import os; os.environ.pop('DQTOOL_TASK_DIE', None)")
+        dask_client.wait_for_workers(2, timeout=60)

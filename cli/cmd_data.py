@@ -13,7 +13,7 @@ import click
 from dqtool.data.datasets import FORMATS
 from dqtool.data.patches import EDGE_MODES
 
-from .common import LazyChoice, LibraryConstant, is_quiet, quiet_option, seed_option, user_errors
+from .common import LazyChoice, LibraryConstant, cluster_options, is_quiet, quiet_option, seed_option, user_errors
 
 
 @click.command("data")
@@ -55,17 +55,18 @@ def data_cmd(out_dir, seed, n_train, n_test, force, quiet):
                    "(only a cache dqtool wrote is ever replaced).")
 @click.option("--level", type=click.IntRange(0), default=0, show_default=True,
               help="OME-Zarr sources: the resolution level to cut (0 = full resolution).")
+@cluster_options
 @quiet_option
 @user_errors
 def patches_cmd(sources, out, domains, fmt, split, size, stride, edge, channels, normalisation, compression,
-                force, quiet, level):
+                force, quiet, level, cluster):
     """Cut sliding-window patches from image folders SRC... into an HDF5 cache."""
     from dqtool.data.cache_build import PatchOptions, build_cache_from_folders
 
     options = PatchOptions(size=size, stride=stride, edge=edge, channels=channels, normalisation=normalisation,
                            compression=compression)
     report = build_cache_from_folders(sources, out, domains=domains, format=fmt, split=split, options=options,
-                                      force=force, quiet=is_quiet(quiet), level=level)
+                                      force=force, quiet=is_quiet(quiet), level=level, cluster=cluster)
     per = ", ".join(f"{d}: {n}" for d, n in report.per_domain.items())
     why = f" ({report.reason})" if report.reason and report.action != "built" else ""
     click.echo(f"{report.path}: {report.action}{why}; {report.n_patches} patches [{per}]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import is_quiet, quiet_option, seed_option, user_errors
+from .common import cluster_options, is_quiet, quiet_option, seed_option, user_errors
 
 
 @click.command("embed")
@@ -20,15 +20,17 @@ from .common import is_quiet, quiet_option, seed_option, user_errors
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Patches per forward pass.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
-              help="CPU threads for torch (more: faster on an idle machine, last bits may change).")
+              help="CPU threads for torch (more: faster on an idle machine, last bits may change); with "
+                   "--workers/--scheduler, per task.")
+@cluster_options
 @quiet_option
 @user_errors
-def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, threads, quiet):
+def embed_cmd(cache, weights, features_file, epochs, seed, batch_size, threads, quiet, cluster):
     """Compute deterministic MAE features (mean over patch tokens, no masking) of every patch in CACHE
     and store them in it; reused while cache and encoder are unchanged."""
     from dqtool.features.embed import embed_cache
 
     feats = embed_cache(cache, weights=weights, features_file=features_file, epochs=epochs, seed=seed,
-                        batch_size=batch_size, quiet=is_quiet(quiet), threads=threads)
+                        batch_size=batch_size, quiet=is_quiet(quiet), threads=threads, cluster=cluster)
     source = weights or features_file or "default self-trained MAE"
     click.echo(f"{cache}: features {feats.shape[0]} x {feats.shape[1]} ({source}) stored in group 'features'")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import is_quiet, quiet_option, user_errors
+from .common import cluster_options, is_quiet, quiet_option, user_errors
 
 
 def _thresholds(ctx, param, value):
@@ -31,10 +31,12 @@ def _thresholds(ctx, param, value):
               help="Folder for per_image.csv and summary.csv/.md/.json.")
 @click.option("--empty-value", default=1.0, show_default=True, type=click.FloatRange(0, 1),
               help="Pixel scores when both maps are empty (0 reproduces the seed paper's code).")
-@click.option("--workers", default=None, type=click.IntRange(1, 256), help="Images scored in parallel.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256),
+              help="Images scored in parallel threads (without --workers/--scheduler).")
+@cluster_options
 @quiet_option
 @user_errors
-def eval_command(gt_dir, pred_dir, thresholds, out_dir, empty_value, workers, quiet):
+def eval_command(gt_dir, pred_dir, thresholds, out_dir, empty_value, threads, quiet, cluster):
     """Score predicted instance label maps against ground truth.
 
     Exit code 0: every file paired and scored; 3: some files had no partner or could not be scored
@@ -43,7 +45,7 @@ def eval_command(gt_dir, pred_dir, thresholds, out_dir, empty_value, workers, qu
     from dqtool.evaluation.folders import evaluate_folders
 
     report = evaluate_folders(gt_dir, pred_dir, out_dir, thresholds=thresholds, empty_value=empty_value,
-                              workers=workers, quiet=is_quiet(quiet))
+                              workers=threads, quiet=is_quiet(quiet), cluster=cluster)
     click.echo(report.summary_text())
     for line in report.problem_lines():
         click.echo(line, err=True)

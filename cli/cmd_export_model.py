@@ -12,7 +12,8 @@ from .common import seed_option, user_errors
 
 @click.command("export-model")
 @click.argument("model", type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="A .zip path, or a new (or empty) folder.")
+@click.option("--out", required=True, type=click.Path(),
+              help="A .zip path, or a new (or empty) folder; only a package dqtool exported is replaced.")
 @click.option("--name", default=None, help="Model name (default: 'Cellpose model <file name>').")
 @click.option("--author", "authors", multiple=True, default=("dqtool",), show_default=True,
               help="An author's name (repeat for several).")

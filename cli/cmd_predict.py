@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import channels_option, is_quiet, quiet_option, user_errors
+from .common import channels_option, cluster_options, is_quiet, quiet_option, user_errors
 
 
 @click.command("predict")
@@ -22,16 +22,17 @@ from .common import channels_option, is_quiet, quiet_option, user_errors
               help="OME-Zarr images: tile size (px); tiles overlap by --tile-overlap and are stitched.")
 @click.option("--tile-overlap", type=click.IntRange(0), default=128, show_default=True,
               help="OME-Zarr images: overlap of neighbouring tiles (px), at least twice the largest cell diameter.")
+@cluster_options
 @quiet_option
 @user_errors
 def predict_cmd(model, images, out, channels, diameter, flow_threshold, cellprob_threshold, level, tile,
-                tile_overlap, quiet):
+                tile_overlap, quiet, cluster):
     """Segment IMAGES (a file or a folder) with a Cellpose MODEL file."""
     from dqtool.segmentation.predict import PredictOptions, predict
 
     options = PredictOptions(channels=channels, diameter=diameter, flow_threshold=flow_threshold,
                              cellprob_threshold=cellprob_threshold)
     written = predict(model, images, out, options, quiet=is_quiet(quiet), level=level, tile=tile,
-                      overlap=tile_overlap)
+                      overlap=tile_overlap, cluster=cluster)
     if not is_quiet(quiet):
         click.echo(f"{len(written)} masks written to {out}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from dqtool.ranking.perturb import DEFAULT_STRENGTH, PERTURBATIONS
+from dqtool.ranking.perturb import (DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE, DEFAULT_STRENGTH, DROPOUT_DRAWS,
+                                   DROPOUT_SITES, PERTURBATIONS)
 
-from .common import LazyChoice, is_quiet, quiet_option, seed_option, user_errors
+from .common import (LazyChoice, LibraryConstant, cluster_options, is_quiet, quiet_option, seed_option,
+                     train_resources_option, user_errors)
 
 _STRENGTHS = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
 
@@ -43,6 +45,18 @@ class PerturbationList(click.ParamType):
 @click.option("--score", type=LazyChoice("dqtool.ranking.rank:SCORES"), default="adapted_rand", show_default=True,
               help="Consistency that orders the models.")
 @seed_option("Seed of dropout channels and noise.")
+@click.option("--dropout-site", type=click.Choice(DROPOUT_SITES), default=DEFAULT_DROPOUT_SITE, show_default=True,
+              help="Where dropout acts on CPnet's bottleneck: decoder = the decoder input only (the skip and "
+                   "the style see the unperturbed features); bottleneck = every consumer (decoder input, the "
+                   "skip of the last up block, the style computed from the dropped features).")
+@click.option("--dropout-draw", type=click.Choice(DROPOUT_DRAWS), default=DEFAULT_DROPOUT_DRAW, show_default=True,
+              help="Dropped channels drawn once per run (run) or anew for every network batch (batch, the "
+                   "paper's code), from the seed.")
+@click.option("--empty", type=LazyChoice("dqtool.ranking.rank:EMPTY_RULES"),
+              default=LibraryConstant("dqtool.ranking.rank:DEFAULT_EMPTY"), show_default=True,
+              help="An image where a model finds no cell while another model does: worst = it scores 0 "
+                   "(every score); skip = its adapted Rand is left out of the median (the paper's code). "
+                   "The ranking's n_empty column counts the images where the model found no cell.")
 @click.option("--diameter", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Cell diameter in px (default: each model's training diameter).")
 @click.option("--out", type=click.Path(file_okay=False), default="rank", show_default=True,
@@ -52,16 +66,18 @@ class PerturbationList(click.ParamType):
                    "never downloaded).")
 @click.option("--no-cache", is_flag=True,
               help="Neither read nor write OUT/cache/ (the unperturbed predictions a later run reuses).")
+@cluster_options
 @quiet_option
 @user_errors
-def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, diameter, out, builtin, no_cache,
-             quiet):
+def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, dropout_site, dropout_draw, empty,
+             diameter, out, builtin, no_cache, quiet, cluster):
     """Rank the Cellpose models in MODELS_DIR on target images without labels."""
     from dqtool.ranking.rank import format_bank, rank_bank
 
     bank = rank_bank(models_dir, images, labels=labels, perturbations=perturbations, strength=strength, out=out,
                      score=score, seed=seed, diameter=diameter, quiet=is_quiet(quiet), cache=not no_cache,
-                     builtin=builtin)
+                     builtin=builtin, dropout_site=dropout_site, dropout_draw=dropout_draw, empty=empty,
+                     cluster=cluster)
     click.echo(format_bank(bank), nl=False)
 
 
@@ -72,14 +88,27 @@ def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, d
               help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
 @seed_option("Seed of data, subsets, training, perturbations.")
 @click.option("--quick", is_flag=True, help="6 models of 15-30 epochs of 8 patches instead of 8 of 15-60 epochs of 16 (CPU budget).")
+@click.option("--dropout-site", type=click.Choice(DROPOUT_SITES), default=None,
+              help="As for rank (default: rank's): where dropout acts on CPnet's bottleneck.")
+@click.option("--dropout-draw", type=click.Choice(DROPOUT_DRAWS), default=None,
+              help="As for rank (default: rank's): dropped channels drawn once per run or anew per network batch.")
+@click.option("--empty", type=LazyChoice("dqtool.ranking.rank:EMPTY_RULES"), default=None,
+              help="As for rank (default: rank's): how an image where a model finds no cell (while another "
+                   "does) counts.")
+@cluster_options
+@train_resources_option
 @quiet_option
 @user_errors
-def rank_study_cmd(out, target, seed, quick, quiet):
+def rank_study_cmd(out, target, seed, quick, dropout_site, dropout_draw, empty, quiet, cluster, train_resources):
     """Evidence: train a bank of graded models on the embedded domains and rank it on TARGET."""
     from dqtool.common.tables import format_markdown
     from dqtool.studies.rank_study import rank_study
 
-    summary = rank_study(out, target=target, seed=seed, quick=quick, quiet=is_quiet(quiet))
+    options = {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw), ("empty", empty))
+               if v is not None}  # unset: the library's defaults
+    if cluster.active:  # the bank's trainings one task a model, the rankings one task a (model, image)
+        options.update(cluster=cluster, train_resources=train_resources)
+    summary = rank_study(out, target=target, seed=seed, quick=quick, quiet=is_quiet(quiet), **options)
     click.echo(format_markdown(summary.rows), nl=False)
     click.echo(format_markdown(summary.correlations), nl=False)
     click.echo(f"{out}/study.md, {out}/study_correlations.md, {out}/study.png")

@@ -16,7 +16,8 @@ from .common import is_quiet, quiet_option, user_errors
 @click.option("--n-images", type=click.IntRange(min=1), default=2, show_default=True,
               help="Images shown with outlines.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for report.html, report.md and report_files/ (default: RUN_DIR).")
+              help="Folder for report.html, report.md and report_files/ (default: RUN_DIR); only the report's own "
+                   "files there are replaced.")
 @quiet_option
 @user_errors
 def report_cmd(run_dir, images, labels, n_images, out, quiet):

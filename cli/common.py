@@ -197,6 +197,39 @@ def cluster_options(func):
             cluster = Cluster(workers=workers, scheduler=scheduler)
         except InputError as exc:
             raise click.UsageError(str(exc)) from None
+        try:
+            cluster.probe()  # a wrong --scheduler stops here, before the command loads its libraries
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
         return func(*args, cluster=cluster, **kwargs)
+
+    return wrapper
+
+
+def train_resources_option(func):
+    """``--train-resources NAME=AMOUNT``: Dask worker resources every training of a study asks for.
+
+    The command receives ``train_resources`` (the text, or None); it needs ``--scheduler`` (workers
+    started with ``dask worker --resources``), since a ``--workers`` cluster offers none.
+    """
+    func = click.option("--train-resources", default=None, metavar="NAME=N",
+                        help="With --scheduler: Dask worker resources each training asks for, e.g. GPU=1, so a "
+                             "worker started with `dask worker ADDRESS --resources GPU=1` runs one training at a "
+                             "time (default: any worker, no resources).")(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, train_resources=None, **kwargs):
+        if train_resources is not None:
+            from dqtool.studies.trainings import parse_resources
+
+            try:
+                parse_resources(train_resources)
+            except InputError as exc:
+                raise click.UsageError(str(exc)) from None
+            if not (kwargs.get("cluster") is not None and kwargs["cluster"].scheduler):
+                raise click.UsageError("--train-resources needs --scheduler (workers started with "
+                                       "`dask worker ADDRESS --resources NAME=N`); a --workers cluster has none")
+        return func(*args, train_resources=train_resources, **kwargs)
 
     return wrapper

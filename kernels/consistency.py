@@ -17,9 +17,17 @@ path for CUDA (tested here under TRITON_INTERPRET=1) and one dispatch function:
 ``rand_pair_counts``
     The pair counts of the foreground-restricted adapted Rand F-score (eq. 6) between a reference
     label map u (unperturbed) and a test map v (perturbed), without scipy.sparse. The region is
-    R = (u > 0 or v > 0) minus the one-pixel inner boundary band of u's instances (a pixel of an
-    instance with a 4-neighbour inside the image that carries another id). Background pixels in R
-    are singletons, so they add to the row/column sums of the other map only::
+    R = (u > 0 or v > 0) minus the boundary band of u, the pixels where a one-step grey dilation
+    and a one-step grey erosion of u with the cross (4-connected) footprint differ::
+
+        band(u) = {x : max_{y in N4[x]} u(y) != min_{y in N4[x]} u(y)},  N4[x] = x and its 4 neighbours
+
+    i.e. every pixel (instance or background) with a 4-neighbour inside the image that carries
+    another id: the inner boundary of each instance *and* the one-pixel ring of background just
+    outside it (neighbours outside the image do not count: the grey morphology's 'reflect' border).
+    This is the band the paper's code removes, so a perturbed prediction that grows or shrinks every
+    cell by one pixel is not penalised. Background pixels in R are singletons, so they add to the
+    row/column sums of the other map only::
 
         same = sum_ij n_ij (n_ij - 1),  ref = sum_i a_i (a_i - 1),  test = sum_j b_j (b_j - 1)
 
@@ -222,10 +230,13 @@ def semantic_counts(p_ref, p_test, ref_index=None, threshold: float = 0.5, devic
 # --------------------------------------------------------------------------------------------------
 
 def boundary_band_reference(u: np.ndarray) -> np.ndarray:
-    """Inner one-pixel boundary band of the instances of ``u``: u > 0 and a 4-neighbour differs.
+    """Boundary band of ``u``: a one-step grey dilation and grey erosion (cross footprint) differ there.
 
-    Neighbours outside the image do not count (same as ``skimage.segmentation.find_boundaries(u,
-    connectivity=1, mode='inner')``).
+    ``max`` and ``min`` of u over a pixel and its 4 neighbours differ exactly where some 4-neighbour
+    carries another id than the pixel, so the band holds the inner boundary of every instance and
+    the one-pixel ring of background just outside it (label 0 is an id like any other here).
+    Neighbours outside the image do not count (the 'reflect' border of ``scipy.ndimage.grey_dilation``
+    / ``grey_erosion``; same as ``skimage.segmentation.find_boundaries(u, connectivity=1, mode='thick')``).
     """
     u = np.asarray(u)
     differs = np.zeros(u.shape, bool)
@@ -233,7 +244,7 @@ def boundary_band_reference(u: np.ndarray) -> np.ndarray:
     differs[:-1, :] |= u[:-1, :] != u[1:, :]
     differs[:, 1:] |= u[:, 1:] != u[:, :-1]
     differs[:, :-1] |= u[:, :-1] != u[:, 1:]
-    return differs & (u > 0)
+    return differs
 
 
 def _pair_sum(counts: np.ndarray) -> int:
@@ -297,13 +308,13 @@ def _rand_row(u, v, r, a, b, keys, counts, stride):
         y = test_row[c]
         if (x | y) == 0:
             continue
-        if x == 0:
-            b[y] += 1  # a singleton of u inside a v instance
-            continue
         left = row[c - 1] if c > 0 else x
         right = row[c + 1] if c < w - 1 else x
         if (up[c] != x) | (down[c] != x) | (left != x) | (right != x):
-            continue  # boundary band of the reference instances
+            continue  # boundary band of u (dilation != erosion): inner boundary and outer ring
+        if x == 0:
+            b[y] += 1  # a singleton of u inside a v instance
+            continue
         a[x] += 1
         if y == 0:
             continue
@@ -479,7 +490,7 @@ if triton_available():
         left = tl.where(col > 0, left, x)
         right = tl.load(u_ptr + offs + 1, mask=inb & (col < W - 1), other=0)
         right = tl.where(col < W - 1, right, x)
-        band = (x > 0) & ((up != x) | (down != x) | (left != x) | (right != x))
+        band = (up != x) | (down != x) | (left != x) | (right != x)  # dilation != erosion of u
         region = inb & ((x > 0) | (y > 0)) & (band == 0)
         tl.atomic_add(a_ptr + x, 1, mask=region & (x > 0))
         tl.atomic_add(b_ptr + y, 1, mask=region & (y > 0))
@@ -559,7 +570,8 @@ def rand_pair_counts_triton(u, v, block: int = 1024, max_probes: int = 64):
 def rand_pair_counts(u, v, device: str | None = "auto"):
     """Dispatch: (same, ref, test) pair counts of the foreground-restricted adapted Rand score.
 
-    ``u`` is the reference (unperturbed) map whose instance boundaries form the excluded band, ``v``
+    ``u`` is the reference (unperturbed) map whose boundary band (inner boundary and the background
+    ring outside each instance, see :func:`boundary_band_reference`) is excluded, ``v``
     the test (perturbed) map; both 2-D non-negative integer arrays (NumPy or torch) of one shape.
     device: 'auto' (Triton on CUDA tensors, else numba), 'cpu', 'triton' or 'numpy'.
     """

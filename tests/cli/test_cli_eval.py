@@ -221,5 +221,11 @@ def test_stale_problems_are_removed_only_from_evals_own_folder(tmp_path):
     users = tmp_path / "users"
     users.mkdir()
     (users / "problems.csv").write_text("my notes\n")
+    res = run("--gt", gt, "--pred", pred, "--out", users)  # a user's folder: refused, nothing written
+    assert res.exit_code == 1 and "not written by dqtool" in res.output
+    assert [p.name for p in users.iterdir()] == ["problems.csv"]
+    from dqtool.common.outputs import write_marker
+
+    write_marker(users, "data")  # another command's folder: eval writes there, and leaves the file alone
     assert run("--gt", gt, "--pred", pred, "--out", users).exit_code == 0
     assert (users / "problems.csv").read_text() == "my notes\n"  # not eval's folder: left alone

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 from skimage.metrics import adapted_rand_error
 from skimage.segmentation import find_boundaries
 
@@ -99,10 +100,71 @@ def test_semantic_rejects_bad_input():
 
 # ---------------------------------------------------------------- adapted Rand
 
-def test_boundary_band_matches_skimage_find_boundaries():
+CROSS = ndimage.generate_binary_structure(2, 1)  # the 4-connected (cross) footprint
+
+
+def paper_band(u):
+    """The paper's band, from its definition: one-step grey dilation != grey erosion (cross footprint)."""
+    return ndimage.grey_dilation(u, footprint=CROSS) != ndimage.grey_erosion(u, footprint=CROSS)
+
+
+def paper_rand(u, v, band=paper_band):
+    """Independent reference of the adapted Rand score, written from the definition (not through the
+    project's region helper): R = (u > 0 or v > 0) minus the band of u; every background pixel of R a
+    singleton (skimage's ``ignore_labels=None`` would make label 0 one big segment, its default
+    ``(0,)`` would drop u's background pixels altogether); then 1 - skimage's adapted Rand error."""
+    u, v = np.asarray(u, np.int64), np.asarray(v, np.int64)
+    region = ((u > 0) | (v > 0)) & ~band(u)
+    ur, vr = u[region], v[region]
+    singletons = np.arange(1, ur.size + 1) + max(u.max(initial=0), v.max(initial=0))
+    ur = np.where(ur > 0, ur, singletons)
+    vr = np.where(vr > 0, vr, singletons)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1.0 - adapted_rand_error(ur, vr, ignore_labels=None)[0]
+
+
+def test_boundary_band_is_dilation_not_equal_erosion():
     u = grown_seeds((40, 50), 15, seed=4)
-    want = find_boundaries(u, connectivity=1, mode="inner")
-    np.testing.assert_array_equal(K.boundary_band_reference(u), want)
+    u[0, :5] = 99  # an instance on the image border: outside neighbours never make a band
+    band = K.boundary_band_reference(u)
+    np.testing.assert_array_equal(band, paper_band(u))
+    np.testing.assert_array_equal(band, find_boundaries(u, connectivity=1, mode="thick"))
+    assert band[u == 0].any() and band[u > 0].any()  # the outer ring and the inner boundary
+    one = np.zeros((7, 7), np.int32)
+    one[2:5, 2:5] = 1  # a 3x3 cell: its 8 border pixels and the 12-pixel ring around it
+    assert K.boundary_band_reference(one).sum() == 8 + 12
+    assert not K.boundary_band_reference(one)[3, 3]
+
+
+@pytest.mark.parametrize("path", ["numpy", "cpu", "triton"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rand_paths_match_the_papers_band_definition(path, seed):
+    u = grown_seeds((40, 52), 14, seed=seed)
+    v = grown_seeds((40, 52), 12, seed=seed + 30)
+    v[:6, :6] = 0  # some background of v inside u's cells, some v cells over u's background
+    if path == "triton":
+        got = K.rand_pair_counts_triton(u, v, block=1024)
+    else:
+        got = K.rand_pair_counts(u, v, device=path)
+    assert got == K.rand_pair_counts_reference(u, v)
+    assert C._rand_score(*got) == pytest.approx(paper_rand(u, v), abs=1e-9)
+
+
+@pytest.mark.parametrize("device", ["numpy", "cpu", "triton"])
+def test_growing_or_shrinking_every_cell_by_one_pixel_scores_one(device):
+    from skimage.segmentation import expand_labels
+
+    u = grown_seeds((48, 60), 10, seed=5, hole=0.0)
+    grown = expand_labels(u, 1)  # every cell one pixel (4-neighbour) larger, into the background
+    shrunk = np.where(find_boundaries(u, connectivity=1, mode="inner"), 0, u)
+    assert (grown > 0).sum() > (u > 0).sum() > (shrunk > 0).sum()
+    for v in (grown, shrunk):
+        got = C.adapted_rand(u, v, device=device)
+        assert got == pytest.approx(1.0, abs=1e-12)
+        assert got == pytest.approx(paper_rand(u, v), abs=1e-12)
+    # the inner band alone (before issue 13) penalised the grown cells on their new ring
+    inner = lambda lab: find_boundaries(lab, connectivity=1, mode="inner")  # noqa: E731
+    assert paper_rand(u, grown, band=inner) < 0.99
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -202,6 +264,7 @@ def test_rand_property_matches_skimage(seed, n_u, n_v):
         assert math.isnan(got)
     else:
         assert got == pytest.approx(want, abs=1e-9)
+        assert got == pytest.approx(paper_rand(u, v), abs=1e-9)
         assert 0.0 <= got <= 1.0
 
 

@@ -92,6 +92,28 @@ def test_shared_passes_equal_separate_runs_with_half_the_encoder_passes(model_fi
     assert shared_count.encoder_tiles == 2 * tiles and shared_count.decoder_tiles == 3 * tiles
 
 
+def test_bottleneck_site_keeps_the_shared_encoder_pass_and_equals_eval(model_file):
+    """Dropout at every consumer of the bottleneck (site 'bottleneck'): the shared passes still run the
+    encoder once per tile and equal the plain eval loop under the same site; under draw 'batch' each
+    network batch (here one per image: two tile sizes) gets the next channels of the run's stream."""
+    model = load_model(model_file)
+    inputs = [blob_image(s, 64 + 16 * s) for s in range(2)]  # two sizes: one batch each
+    separate, _ = R.score_model(model, inputs, "dropout", 0.3, seed=5, dropout_site="bottleneck")
+    with count_network_passes() as count:
+        shared, _ = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_site="bottleneck")
+    assert _dump(shared["dropout"]) == _dump(separate)
+    assert count.encoder_tiles == 2 and count.decoder_tiles == 4  # one encoder pass, two decodes
+    runs = {"bottleneck": shared["dropout"]}
+    runs["decoder"] = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5)[0]["dropout"]  # the default
+    assert _dump(runs["decoder"]) != _dump(runs["bottleneck"])
+    batch, _ = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_site="bottleneck",
+                                    dropout_draw="batch")
+    assert _dump(batch["dropout"][:1]) == _dump(runs["bottleneck"][:1])  # the first draw is the run's
+    assert _dump(batch["dropout"][1:]) != _dump(runs["bottleneck"][1:])  # the second batch draws anew
+    with pytest.raises(ValueError, match="site"):
+        R.score_model_passes(model, inputs, {"dropout": 0.3}, dropout_site="encoder")
+
+
 @pytest.fixture(scope="module")
 def small_bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_bank")

@@ -100,6 +100,97 @@ def test_summary_uses_median_and_counts_nan():
     assert ms.effective_invariance == pytest.approx(0.4) and ms.n_effective_invariance == 1
 
 
+def _rec(image, rand, nhd, n_cells):
+    return {"image": image, "adapted_rand": rand, "nhd": nhd, "effective_invariance": nhd, "n_cells": n_cells}
+
+
+def constructed_bank():
+    """Four images. 'steady' finds cells on images 0-2; 'rare' only on image 2 (one very stable cell);
+    nobody on image 3. Where 'rare' finds nothing its unperturbed map is empty: adapted Rand NaN against
+    an empty perturbed map, 0 against a non-empty one (the formula), NHD from a few foreground pixels."""
+    steady = [_rec(0, 0.90, 0.92, 5), _rec(1, 0.80, 0.85, 4), _rec(2, 0.85, 0.88, 6), _rec(3, math.nan, math.nan, 0)]
+    rare = [_rec(0, math.nan, 0.50, 0), _rec(1, 0.0, 0.40, 0), _rec(2, 0.99, 0.97, 1), _rec(3, math.nan, 0.30, 0)]
+    broken = R.ModelScore(model="broken", status="failed", error="x")
+    return [R._summarise("steady", steady, "adapted_rand"), R._summarise("rare", rare, "adapted_rand"), broken]
+
+
+def test_empty_rule_worst_and_skip_on_a_constructed_bank():
+    models = {m.model: m for m in R.apply_empty_rule(constructed_bank(), "adapted_rand", "skip")}
+    steady, rare = models["steady"], models["rare"]
+    # skip (the paper's code): rare's adapted Rand is the median over the one image where it found a cell
+    assert rare.adapted_rand == pytest.approx(0.99) and rare.n_adapted_rand == 1
+    assert rare.nhd == pytest.approx(np.median([0.50, 0.40, 0.97, 0.30])) and rare.n_nhd == 4  # as computed
+    assert steady.adapted_rand == pytest.approx(0.85) and steady.n_adapted_rand == 3
+    assert (rare.n_empty, steady.n_empty) == (3, 1)
+    assert [m.model for m in R._result(list(models.values()), "adapted_rand", "dropout", 0.2, 0, [], [], None,
+                                       {}).ranked] == ["rare", "steady"]  # the model that fails ranks first
+
+    models = {m.model: m for m in R.apply_empty_rule(constructed_bank(), "adapted_rand", "worst")}
+    steady, rare = models["steady"], models["rare"]
+    # worst: images 0 and 1 (steady found cells there) score 0 for rare, every score; image 3 (nobody
+    # found a cell) stays out of the adapted Rand for both, its NHD counts as computed
+    assert rare.adapted_rand == pytest.approx(np.median([0.0, 0.0, 0.99])) and rare.n_adapted_rand == 3
+    assert rare.nhd == pytest.approx(np.median([0.0, 0.0, 0.97, 0.30])) and rare.n_nhd == 4
+    assert rare.effective_invariance == rare.nhd
+    assert steady.adapted_rand == pytest.approx(0.85) and steady.n_adapted_rand == 3  # unchanged
+    assert (rare.n_empty, steady.n_empty) == (3, 1)
+    result = R._result(list(models.values()), "adapted_rand", "dropout", 0.2, 0, [], [], None, {})
+    assert [m.model for m in result.ranked] == ["steady", "rare"]
+    assert result.models[-1].model == "broken" and result.models[-1].status == "failed"
+    assert [row["n_empty"] for row in result.table()] == [1, 3, 0]
+    # the per-image records keep the values the formulas gave
+    assert rare.per_image[1]["adapted_rand"] == 0.0 and math.isnan(rare.per_image[0]["adapted_rand"])
+    # a model alone: nobody else finds cells, so 'worst' has nothing to compare with and skips
+    alone = R.apply_empty_rule(constructed_bank()[1:2], "adapted_rand", "worst")[0]
+    assert alone.adapted_rand == pytest.approx(0.99) and alone.n_adapted_rand == 1
+    with pytest.raises(InputError, match="empty 'zero'"):
+        R.apply_empty_rule(constructed_bank(), "adapted_rand", "zero")
+    assert R.DEFAULT_EMPTY == "worst" and R.EMPTY_RULES == ("worst", "skip")
+
+
+def test_rank_bank_threads_dropout_and_empty_options(tmp_path, bank, monkeypatch):
+    """rank_bank / rank_models / ``dqtool rank`` hand dropout_site and dropout_draw to the passes, apply
+    the empty rule across the bank, and record all three in rank.json."""
+    seen = []
+
+    def fake_passes(model, inputs, perturbations, seed=0, labels=None, tick=None, **kw):
+        seen.append(kw)  # one call per (model, image), in order: alpha (rare) img0, img1, then cellpose_beta's
+        (i,) = kw["image_indices"]
+        if len(seen) <= 2:  # alpha: a stable cell on img0, nothing on img1 (where beta finds cells)
+            recs = [_rec(0, 0.99, 0.9, 3), _rec(1, math.nan, 0.9, 0)]
+        else:
+            recs = [_rec(0, 0.9, 0.9, 3), _rec(1, 0.9, 0.9, 3)]
+        return {k: [dict(recs[i])] for k in perturbations}, 0.0
+
+    monkeypatch.setattr(R, "score_model_passes", fake_passes)
+    res = R.rank_models(bank / "models", bank / "images", out=tmp_path / "a", dropout_site="bottleneck",
+                        dropout_draw="batch", empty="skip", cache=False)
+    assert {(kw["dropout_site"], kw["dropout_draw"]) for kw in seen} == {("bottleneck", "batch")}
+    assert res.options == {"dropout_site": "bottleneck", "dropout_draw": "batch", "empty": "skip"}
+    doc = json.loads((tmp_path / "a" / "rank.json").read_text())
+    assert (doc["dropout_site"], doc["dropout_draw"], doc["empty"]) == ("bottleneck", "batch", "skip")
+    by_name = {r["model"].split("/")[-1]: r for r in doc["ranking"]}
+    assert by_name["alpha.pth"]["n_empty"] == 1 and by_name["cellpose_beta"]["n_empty"] == 0
+    assert by_name["alpha.pth"]["rank"] == 1  # skip: alpha's one stable image outranks beta's 0.9
+    assert "n_empty" in (tmp_path / "a" / "ranking.csv").read_text().splitlines()[0]
+
+    seen.clear()
+    res = CliRunner().invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--out",
+                                   str(tmp_path / "b"), "--no-cache", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert {(kw["dropout_site"], kw["dropout_draw"]) for kw in seen} == {("decoder", "run")}  # the defaults
+    doc = json.loads((tmp_path / "b" / "rank.json").read_text())
+    assert doc["empty"] == "worst" and doc["ranking"][0]["model"].endswith("cellpose_beta")  # worst: alpha 0 on img1
+    for bad in (["--empty", "zero"], ["--dropout-site", "encoder"], ["--dropout-draw", "image"]):
+        res = CliRunner().invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--out",
+                                       str(tmp_path / "c"), "--quiet"] + bad)
+        assert res.exit_code == 2, bad
+    with pytest.raises(InputError, match="dropout site"):
+        R.rank_models(bank / "models", bank / "images", dropout_site="encoder")
+    with pytest.raises(InputError, match="empty"):
+        R.rank_models(bank / "models", bank / "images", empty="zero")
+
+
 def brute_force_p(x, y, fn):
     """Two-sided p over all n! pairings: 2 min(P(T >= t), P(T <= t)), capped at 1."""
     obs = fn(x, y)
@@ -337,6 +428,35 @@ def test_rank_study_budget_comes_from_the_library_presets(tmp_path, monkeypatch,
     res = CliRunner().invoke(cli, ["rank-study", "--out", str(tmp_path / "s"), "--quiet"] + (["--quick"] if quick else []))
     assert res.exit_code == 0, res.output
     assert calls == [{"target": "fluo", "seed": 0, "quick": quick, "quiet": True}]
+
+
+def test_rank_study_hands_the_dropout_and_empty_options_to_every_ranking(tmp_path, monkeypatch):
+    S = importlib.import_module("dqtool.studies.rank_study")
+    monkeypatch.setattr(S, "generate", lambda root, **kw: root)
+    monkeypatch.setattr(S, "build_bank", lambda *a, **kw: [])
+    calls = []
+
+    def fake_rank(*args, **kw):
+        calls.append(kw)
+        raise _Stop
+
+    monkeypatch.setattr(S, "rank_models", fake_rank)
+    with pytest.raises(_Stop):
+        S.rank_study(tmp_path / "s", dropout_site="bottleneck", dropout_draw="batch", empty="skip")
+    assert {k: calls[0][k] for k in ("dropout_site", "dropout_draw", "empty")} == \
+        {"dropout_site": "bottleneck", "dropout_draw": "batch", "empty": "skip"}
+    with pytest.raises(_Stop):
+        S.rank_study(tmp_path / "t")
+    assert not {"dropout_site", "dropout_draw", "empty"} & set(calls[1])  # rank_models' defaults
+
+    seen = []
+    monkeypatch.setattr(S, "rank_study", lambda out, **kw: seen.append(kw) or S.RankStudyResult(
+        target="fluo", members=[], rows=[], correlations=[], timing={}))
+    res = CliRunner().invoke(cli, ["rank-study", "--out", str(tmp_path / "u"), "--quiet", "--dropout-site",
+                                   "bottleneck", "--dropout-draw", "batch", "--empty", "skip"])
+    assert res.exit_code == 0, res.output
+    assert {k: seen[0][k] for k in ("dropout_site", "dropout_draw", "empty")} == \
+        {"dropout_site": "bottleneck", "dropout_draw": "batch", "empty": "skip"}
 
 
 def test_rank_study_bank_subsets_round_halves_up_like_selection():

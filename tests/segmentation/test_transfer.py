@@ -214,7 +214,8 @@ def test_experiment_runs_a_micro_study(world, tmp_path):
     assert [(r["method"], r["rate"]) for r in red] == [("all", 1.0), ("random", 0.5)]
     assert red[1]["patches"] == red[0]["patches"] // 2
     transfer = json.loads((out / "tables" / "transfer.json").read_text())
-    assert [r["model"] for r in transfer] == ["source model", "naive finetune", "replay random 0.5"]
+    assert [r["model"] for r in transfer] == ["small model", "naive finetune small -> large", "replay random 0.5"]
+    assert "small f1@0.50 std" in transfer[0]
     assert "small f1@0.50" in transfer[0]
     seq = json.loads((out / "tables" / "sequences.json").read_text())
     assert [r["after"] for r in seq] == ["small", "large"]

@@ -1,7 +1,8 @@
 """What dqtool may write over, one writer at a time, and one line for every output fault.
 
 Every command that writes (``patches``, ``embed``, ``select``, ``export``, ``train``, ``data``, ``experiment``,
-``rank-study``) enters :func:`writing` for each output before it writes anything:
+``rank-study``, ``report``, ``export-model``; ``rank``, ``predict`` and ``eval`` through :func:`writes_folder`)
+enters :func:`writing` for each output before it writes anything:
 
 - **Never destroy what dqtool did not write.** An output that is one of the command's inputs is refused; so
   is an existing file that dqtool does not recognise as its own (:func:`is_dqtool_file`: a patch cache by
@@ -24,6 +25,8 @@ itself with SIGKILL at the point called ``name`` (the kill tests use it to stop 
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import json
 import os
 import re
@@ -72,8 +75,9 @@ def is_dqtool_file(path: str | os.PathLike) -> bool:
 
     A patch cache (HDF5 with ``schema_version`` and ``dqtool_version`` attributes), a subset (JSON with
     ``indices`` and ``n_selected``), a model (its sidecar ``MODEL.json`` records ``model`` and ``identity``),
-    a torch file with a ``dqtool`` entry (the default MAE), or a JSON that dqtool marks (``dqtool_version``,
-    ``generator: dqtool...``).
+    a torch file with a ``dqtool`` entry (the default MAE), a JSON that dqtool marks (``dqtool_version``,
+    ``generator: dqtool...``), a page of ``dqtool report`` (:func:`is_report_page`), or a bioimage.io package
+    of ``dqtool export-model`` (a zip whose ``rdf.yaml`` has ``config: dqtool: version``).
     """
     path = Path(path)
     if not path.is_file():
@@ -98,7 +102,44 @@ def is_dqtool_file(path: str | os.PathLike) -> bool:
                 return True
             if "dqtool_version" in data or str(data.get("generator", "")).startswith("dqtool"):
                 return True
+    if head.startswith(b"PK\x03\x04"):
+        return _is_dqtool_package(path)
+    if head.startswith((b"<!DOCTYP", b"# dqtool")):
+        return is_report_page(path)
     return False
+
+
+def is_report_page(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a page of ``dqtool report`` (any release): ``report.html`` by its title
+    ``dqtool report: RUN`` and its section ``missing``, ``report.md`` by its first line ``# dqtool report: RUN``
+    and its section "What is missing". (``dqtool experiment``'s ``report.md`` begins ``# dqtool study``.)"""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(256 << 20).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith("<!DOCTYPE html>"):
+        return "<title>dqtool report: " in text[:4096] and '<section id="missing">' in text
+    return text.startswith("# dqtool report: ") and "\n## What is missing\n" in text
+
+
+def _is_dqtool_package(path: Path) -> bool:
+    """A bioimage.io package (zip) of ``dqtool export-model``: its ``rdf.yaml`` has ``config.dqtool.version``."""
+    import zipfile
+
+    import yaml  # PyYAML: a dependency of dask
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("rdf.yaml")
+            if info.file_size > 16 << 20:
+                return False
+            rdf = yaml.safe_load(z.read(info))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError, RuntimeError, EOFError):
+        return False
+    config = rdf.get("config") if isinstance(rdf, dict) else None
+    dq = config.get("dqtool") if isinstance(config, dict) else None
+    return rdf.get("type") == "model" and isinstance(dq, dict) and "version" in dq
 
 
 def folder_marker(folder: str | os.PathLike) -> dict | None:
@@ -117,6 +158,14 @@ def folder_marker(folder: str | os.PathLike) -> dict | None:
     record = _json_object(folder / "study_summary.json")
     if record is not None and {"target", "members"} <= set(record):
         return {"command": "rank-study", "legacy": "study_summary.json"}
+    # `rank` and `eval` folders of earlier releases (a ranking of several perturbations: one folder each)
+    for record_path in (folder / "rank.json", *sorted(folder.glob("*/rank.json"))):
+        record = _json_object(record_path)
+        if record is not None and {"ranking", "perturbation", "score"} <= set(record):
+            return {"command": "rank", "legacy": str(record_path.relative_to(folder))}
+    record = _json_object(folder / "summary.json")
+    if record is not None and set(record) == {"thresholds", "summary", "problems"}:
+        return {"command": "eval", "legacy": "summary.json"}
     return None
 
 
@@ -359,6 +408,65 @@ def writing(path: str | os.PathLike, command: str, inputs: Iterable[str | os.Pat
             raise output_error(path, exc) from exc
 
 
+@contextmanager
+def writing_folder(path: str | os.PathLike, command: str,
+                   inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+    """:func:`writing` for a folder that a command fills file by file as it goes (``rank``, ``predict``, ``eval``).
+
+    Refused as :func:`check_output` says (an input, a file, a lab's non-empty folder), before anything is made.
+    A missing folder is made (its parents too), and a new or empty one gets :data:`MARKER` before anything
+    else is written, so a run killed half-way leaves a folder that its rerun may write into. A command that
+    fails before writing anything else leaves the folder as it found it (one it made is removed again).
+    """
+    path = Path(path)
+    inputs = list(inputs)
+    check_output(path, command, inputs, kind="folder")  # before a parent folder or a lock file is made
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    with writing(path, command, inputs, kind="folder"):
+        made = not path.exists()
+        marked = folder_marker(path) is None  # writing() refused a non-empty folder without one
+        if marked:
+            path.mkdir(exist_ok=True)
+            write_marker(path, command)
+        try:
+            yield path
+        except BaseException:
+            if marked:
+                try:
+                    if [p.name for p in path.iterdir()] == [MARKER]:
+                        (path / MARKER).unlink()
+                        if made:
+                            path.rmdir()
+                except OSError:
+                    pass  # the original error is the one to report
+            raise
+
+
+def writes_folder(command: str, out: str, inputs: tuple[str, ...] = ()):
+    """Decorator: a call of the function writes the folder its argument ``out`` names (when not None) inside
+    :func:`writing_folder`, with the arguments named in ``inputs`` as the command's inputs, for the whole call."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def gated(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = bound.arguments[out]
+            if folder is None:
+                return fn(*args, **kwargs)
+            with writing_folder(folder, command, [bound.arguments[name] for name in inputs]):
+                return fn(*args, **kwargs)
+
+        return gated
+
+    return wrap
+
+
 # ----------------------------------------------------------------------------------------------
 # folders written whole
 
@@ -388,6 +496,7 @@ __all__ = [
     "fault_code",
     "folder_marker",
     "is_dqtool_file",
+    "is_report_page",
     "kill_point",
     "lock_path",
     "marker_text",
@@ -396,5 +505,7 @@ __all__ = [
     "pid_alive",
     "swap_folder",
     "write_marker",
+    "writes_folder",
     "writing",
+    "writing_folder",
 ]

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from dqtool import __version__
+from dqtool.common.cluster import connect
 from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write
 from dqtool.common.outputs import kill_point, writing
@@ -145,11 +146,13 @@ def _why_stale(path: Path, new_hash: str, new_inputs: str, options: PatchOptions
 
 
 def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, options: PatchOptions | None = None,
-                force: bool = False, quiet: bool = False) -> BuildReport:
+                force: bool = False, quiet: bool = False, cluster=None) -> BuildReport:
     """Cut every sample of ``datasets`` into patches and write the cache at ``out``.
 
     Reuses an existing complete cache whose content hash matches (inputs + options); otherwise builds a
     new one beside it and renames it into place, so the old file is replaced only by a complete one.
+    ``cluster`` (a :class:`dqtool.common.cluster.Cluster`): images are read and cut by Dask tasks, one
+    image (or one band of an OME-Zarr image) a task; this process alone writes the cache, the same bytes.
     """
     options = options or PatchOptions()
     if isinstance(datasets, Dataset):
@@ -162,7 +165,8 @@ def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, o
         raise FileNotFoundError(f"{out.parent}: output folder does not exist")
     inputs = [ds.root for ds in datasets if ds.format != "arrays"]
     inputs += [p for s in samples for p in (s.image_path, s.label_path) if isinstance(p, Path)]
-    with writing(out, "patches", inputs):
+    # connect first: an unreachable --scheduler fails before the inputs are hashed
+    with writing(out, "patches", inputs), connect(cluster, quiet) as cluster:
         digest = input_hash(samples)
         chash = content_hash(digest, options)
         reason = "new cache"
@@ -179,7 +183,7 @@ def build_cache(datasets: Sequence[Dataset] | Dataset, out: str | os.PathLike, o
                                  "pass --force to rebuild, or write the new cache to another --out")
             reason = "--force" if reason is None else reason
         with atomic_write(out) as tmp:
-            per_domain = _write(samples, tmp, options, digest, chash, quiet)
+            per_domain = _write(samples, tmp, options, digest, chash, quiet, cluster)
             kill_point("patches:written")
     action = "built" if reason == "new cache" else "rebuilt"
     return BuildReport(out, action, reason, sum(per_domain.values()), per_domain)
@@ -212,8 +216,118 @@ def derived_work(path: str | os.PathLike) -> list[str]:
     return out
 
 
+def _windows(sample, options: PatchOptions, has_labels: bool, ys: Sequence[int] | None = None):
+    """(shape, windows) of one sample: ``windows`` yields (y, x, uint8 patch, label patch or None) in the
+    cache's order. ``ys``: only the window rows starting there (an OME-Zarr band; None = all)."""
+    size, stride, edge = options.size, options.stride, options.edge
+    if getattr(sample, "lazy", False):  # OME-Zarr: cut band by band, never loaded whole
+        shape = sample.shape
+        ys = window_starts(shape[0], size, stride, edge) if ys is None else list(ys)
+        windows = sample.iter_windows(ys, window_starts(shape[1], size, stride, edge), size, options.channels,
+                                      options.normalisation, relabel_consecutive if has_labels else None)
+        return shape, windows
+    img = sample.image
+    lab = sample.labels if has_labels else None
+    if lab is not None and lab.shape != img.shape[:2]:
+        raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
+                         f"{sample.image_path} shape {img.shape[:2]}")
+    shape = img.shape[:2]
+    return shape, iter_patches(prepare_image(img, options.channels, options.normalisation), lab, size, stride, edge)
+
+
+#: Window rows per task when an OME-Zarr image is cut on a cluster (at least one chunk row of the image).
+BAND_ROWS = 8
+
+
+def _pieces(samples: Sequence[Sample], options: PatchOptions) -> list[tuple[int, list[int] | None]]:
+    """The tasks of a distributed ``patches``: (sample index, None) per image read whole; an OME-Zarr image
+    one task per band of window rows (whole chunk rows of its array, at least :data:`BAND_ROWS` window
+    rows), so no task holds a whole slide. Depends on the inputs and options only, never on the workers."""
+    pieces: list[tuple[int, list[int] | None]] = []
+    for si, sample in enumerate(samples):
+        if not getattr(sample, "lazy", False):
+            pieces.append((si, None))
+            continue
+        ys = window_starts(sample.shape[0], options.size, options.stride, options.edge)
+        chunk = max(int(sample.chunks[0]), options.size)
+        bands: list[list[int]] = []
+        for y in ys:
+            if bands and (y // chunk == bands[-1][-1] // chunk or len(bands[-1]) < BAND_ROWS):
+                bands[-1].append(y)
+            else:
+                bands.append([y])
+        pieces += [(si, band) for band in bands] or [(si, [])]
+    return pieces
+
+
+def _cut_piece(item, options: PatchOptions, has_labels: bool):
+    """A task of a distributed ``patches`` (runs on a worker): read one image (or one OME-Zarr band) and cut
+    it; returns (shape, offsets (k, 2), patches (k, S, S, C) uint8, label patches (k, S, S) or None). The
+    worker only reads the source files; the client writes the cache."""
+    sample, ys = item
+    shape, windows = _windows(sample, options, has_labels, ys)
+    offsets, patches, labels = [], [], []
+    for y, x, ip, lp in windows:
+        offsets.append((y, x))
+        patches.append(ip)
+        labels.append(lp)
+    n_chan = 1 if options.channels == "gray" else 3
+    stack = np.stack(patches) if patches else np.zeros((0, options.size, options.size, n_chan), np.uint8)
+    lab = np.stack(labels) if patches and has_labels else None
+    return tuple(shape), offsets, stack, lab
+
+
+def _portable(sample):
+    """``sample`` with absolute file paths, for a worker on another machine (another working directory)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(sample):
+        return sample
+    names = {f.name for f in dataclasses.fields(sample)}
+    change = {k: Path(getattr(sample, k)).absolute() for k in ("image_path", "label_path")
+              if k in names and isinstance(getattr(sample, k), Path)}
+    return dataclasses.replace(sample, **change) if change else sample
+
+
+def _cut_on_cluster(samples, options: PatchOptions, has_labels: bool, cluster, quiet: bool):
+    """(sample index, shape, windows) per sample, in order, cut by Dask tasks (:func:`_pieces`)."""
+    import functools
+
+    from dqtool.common.cluster import iter_tasks
+
+    pieces = _pieces(samples, options)
+    per_sample = [0] * len(samples)
+    for si, _ in pieces:
+        per_sample[si] += 1
+    portable: dict[int, object] = {}  # one copy per sample, however many bands it has
+    items = ((portable.setdefault(si, _portable(samples[si])) if si not in portable else portable[si], ys)
+             for si, ys in pieces)
+    stream = iter_tasks(functools.partial(_cut_piece, options=options, has_labels=has_labels), items, cluster,
+                        kind="patches", desc="patches", quiet=quiet,
+                        unit="img" if len(pieces) == len(samples) else "task", total=len(pieces))
+
+    def windows(first, more: int):
+        # the caller writes every window of one sample before it asks for the next sample
+        piece = first
+        while True:
+            _, offsets, patches, labels = piece
+            for j, (y, x) in enumerate(offsets):
+                yield y, x, patches[j], None if labels is None else labels[j]
+            if more == 0:
+                return
+            more -= 1
+            piece = next(stream)
+
+    try:
+        for si in range(len(samples)):
+            first = next(stream)
+            yield si, first[0], windows(first, per_sample[si] - 1)
+    finally:
+        stream.close()
+
+
 def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: str, chash: str,
-           quiet: bool) -> dict:
+           quiet: bool, cluster=None) -> dict:
     size, stride, edge = options.size, options.stride, options.edge
     n_chan = 1 if options.channels == "gray" else 3
     labelled = [s.has_labels for s in samples]
@@ -239,42 +353,35 @@ def _write(samples: Sequence[Sample], tmp: Path, options: PatchOptions, digest: 
                                        chunks=(1, size, size), compression=comp, compression_opts=comp_opts)
         p_src, p_dom, p_off, shapes = [], [], [], []
         n = 0
-        progress = bar(len(samples), desc="patches", quiet=quiet, unit="img")
-        for si, sample in enumerate(samples):
-            if getattr(sample, "lazy", False):  # OME-Zarr: cut band by band, never loaded whole
-                shape = sample.shape
-                windows = sample.iter_windows(window_starts(shape[0], size, stride, edge),
-                                              window_starts(shape[1], size, stride, edge), size, options.channels,
-                                              options.normalisation, relabel_consecutive if has_labels else None)
-            else:
-                img = sample.image
-                lab = sample.labels if has_labels else None
-                if lab is not None and lab.shape != img.shape[:2]:
-                    raise InputError(f"{sample.label_path}: label shape {lab.shape} does not match image "
-                                     f"{sample.image_path} shape {img.shape[:2]}")
-                shape = img.shape[:2]
-                windows = iter_patches(prepare_image(img, options.channels, options.normalisation), lab, size, stride,
-                                       edge)
-            shapes.append(shape)
-            k = count_windows(shape, size, stride, edge)
-            if k == 0:  # only --edge drop gives none; a silently missing image is a lost annotation
-                raise InputError(f"{sample.image_path}: image {shape[0]}x{shape[1]} is smaller than the "
-                                 f"{size}-px window with --edge {edge}, so it gives no patch; use --edge shift or "
-                                 "pad, or a smaller --size")
-            images.resize(n + k, axis=0)
-            if labels is not None:
-                labels.resize(n + k, axis=0)
-            for j, (y, x, ip, lp) in enumerate(windows):
-                images[n + j] = ip
+        distributed = cluster is not None and cluster.active
+        progress = bar(len(samples), desc="patches", quiet=quiet or distributed, unit="img")
+        cut = _cut_on_cluster(samples, options, has_labels, cluster, quiet) if distributed else \
+            ((si, *_windows(sample, options, has_labels)) for si, sample in enumerate(samples))
+        try:
+            for si, shape, windows in cut:
+                sample = samples[si]
+                shapes.append(shape)
+                k = count_windows(shape, size, stride, edge)
+                if k == 0:  # only --edge drop gives none; a silently missing image is a lost annotation
+                    raise InputError(f"{sample.image_path}: image {shape[0]}x{shape[1]} is smaller than the "
+                                     f"{size}-px window with --edge {edge}, so it gives no patch; use --edge shift or "
+                                     "pad, or a smaller --size")
+                images.resize(n + k, axis=0)
                 if labels is not None:
-                    labels[n + j] = lp
-                p_off.append((y, x))
-            p_src += [si] * k
-            p_dom += [domains.index(sample.domain)] * k
-            per_domain[sample.domain] += k
-            n += k
-            progress.update(1)
-            kill_point("patches:image")
+                    labels.resize(n + k, axis=0)
+                for j, (y, x, ip, lp) in enumerate(windows):
+                    images[n + j] = ip
+                    if labels is not None:
+                        labels[n + j] = lp
+                    p_off.append((y, x))
+                p_src += [si] * k
+                p_dom += [domains.index(sample.domain)] * k
+                per_domain[sample.domain] += k
+                n += k
+                progress.update(1)
+                kill_point("patches:image")
+        finally:
+            cut.close()  # on an error: the Dask tasks still in flight and the cluster end here
         progress.close()
         h5.create_dataset("patch_source", data=np.asarray(p_src, np.int32))
         h5.create_dataset("patch_domain", data=np.asarray(p_dom, np.int32))
@@ -316,7 +423,7 @@ def build_cache_from_arrays(path: str | os.PathLike, images: Sequence[np.ndarray
 def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os.PathLike,
                              domains: Sequence[str] | None = None, format: str | None = None,
                              split: str = "train", options: PatchOptions | None = None, force: bool = False,
-                             quiet: bool = False, level: int = 0) -> BuildReport:
+                             quiet: bool = False, level: int = 0, cluster=None) -> BuildReport:
     """Open each folder with its layout's reader and build one cache (what ``dqtool patches`` runs).
 
     ``domains``: none (each folder's own name, or its parent's for train/test folders), one name for
@@ -332,4 +439,4 @@ def build_cache_from_folders(sources: Sequence[str | os.PathLike], out: str | os
     datasets = [open_dataset(src, format=format, domain=domains[i] if domains else None, split=split, level=level)
                 for i, src in enumerate(sources)]
     check_distinct_sources(sources, datasets)
-    return build_cache(datasets, out, options, force=force, quiet=quiet)
+    return build_cache(datasets, out, options, force=force, quiet=quiet, cluster=cluster)

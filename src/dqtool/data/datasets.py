@@ -13,11 +13,16 @@ Which file is an image and which is the label of which image is :mod:`dqtool.dat
 (label files and Cellpose outputs are never read as images; two label files for one image are an error).
 Samples are read only when ``.image`` / ``.labels`` are touched. Labels come back as consecutive uint32.
 A folder where some images have labels and others don't is an error naming the first image without one.
+
+A **split file** (:func:`write_split`, JSON with the key ``"dqtool_split"``) names a dataset folder and the
+images of it that one split takes (a study's fixed train/test split by image); ``open_dataset`` opens it
+like a folder, with the samples in the file's order. Nothing is copied: the images stay where they are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -193,6 +198,8 @@ def open_dataset(root: str | os.PathLike, format: str | None = None, domain: str
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
+    if root.is_file() and root.suffix == ".json":
+        return _open_split(root, format, domain, split, level)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: expected a dataset folder, got a file")
     if format is None:
@@ -241,6 +248,49 @@ def _refuse_hidden_labels(root: Path, fmt: str, domain: str | None, split: str) 
         raise InputError(f"{root}: --format {fmt} finds no labels, but the folder holds labels in the {detected} "
                          f"layout (e.g. {found}); pass --format {detected}, or move the labels away to read the "
                          "images unlabelled")
+
+
+SPLIT_KEY = "dqtool_split"
+
+
+def write_split(path: str | os.PathLike, root: str | os.PathLike, names: Sequence[str], format: str | None = None,
+                split: str = "train") -> Path:
+    """Write a split file: the images ``names`` of the dataset folder ``root`` (an absolute path is stored,
+    so the file works from any working directory). Every name must be an image of ``root``."""
+    root = Path(root).resolve()
+    names = [str(n) for n in names]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"{path}: image {dupes[0]!r} named twice in one split")
+    known = {s.name for s in open_dataset(root, format=format, split=split)}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"{root}: no image named {missing[0]!r} (a split names images by their stem)")
+    from dqtool.common.files import atomic_write_text
+
+    record = {SPLIT_KEY: 1, "root": str(root), "format": format, "split": split, "names": names}
+    return atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def _open_split(path: Path, format: str | None, domain: str | None, split: str, level: int) -> Dataset:
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a dataset folder, and not a readable split file ({exc})") from None
+    if not isinstance(record, dict) or SPLIT_KEY not in record:
+        raise InputError(f"{path}: a JSON file that is not a dqtool split file (no {SPLIT_KEY!r} key)")
+    whole = open_dataset(record["root"], format=format or record.get("format"), domain=domain,
+                         split=record.get("split", split), level=level)
+    by_name = {s.name: s for s in whole}
+    names = list(record.get("names", []))
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise InputError(f"{path}: names {missing[0]!r}, which is not an image of {record['root']}")
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: an image is named twice")
+    if not names:
+        raise InputError(f"{path}: the split names no image")
+    return Dataset(samples=[by_name[n] for n in names], root=whole.root, format=whole.format)
 
 
 def check_distinct_sources(sources: Sequence[str | os.PathLike], datasets: Sequence[Dataset]) -> None:

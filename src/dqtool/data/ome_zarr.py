@@ -236,6 +236,11 @@ class OmeZarrSample:
         return self._image.shape
 
     @property
+    def chunks(self) -> tuple[int, int]:
+        """The level's chunk (height, width): a cluster cuts an image in bands of whole chunk rows."""
+        return self._image.chunks
+
+    @property
     def image(self) -> np.ndarray:
         """The whole level in memory (small images only; patches never call it)."""
         return self._image.read()

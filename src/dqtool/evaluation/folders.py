@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dqtool.common.errors import InputError
-from dqtool.common.outputs import folder_marker, write_marker
+from dqtool.common.outputs import folder_marker, writes_folder
 from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.data.io import read_labels
@@ -185,10 +185,15 @@ def _refuse_same_folder(gt_dir, pred_dir) -> None:
                              "as both; expected two separate folders")
 
 
+@writes_folder("eval", out="out_dir", inputs=("gt_dir", "pred_dir"))  # refused, marked, locked
 def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      thresholds=(0.5,), empty_value: float = 1.0, workers: int | None = None,
-                     quiet: bool = True) -> FolderEvaluation:
-    """Pair, read, score and write the tables of ``dqtool eval`` (see the module docstring)."""
+                     quiet: bool = True, cluster=None) -> FolderEvaluation:
+    """Pair, read, score and write the tables of ``dqtool eval`` (see the module docstring).
+
+    ``out_dir`` is one of dqtool's output folders (:func:`dqtool.common.outputs.writing_folder`: never the
+    ground truth, the prediction or a lab's non-empty folder; one writer at a time).
+    """
     thresholds = parse_thresholds(thresholds)
     _refuse_same_folder(gt_dir, pred_dir)
     pairing = pair_folders(gt_dir, pred_dir)
@@ -197,9 +202,12 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
         raise InputError(f"{pred_dir}: no prediction pairs with a ground-truth file in {gt_dir} "
                          f"(e.g. {shown}); expected names like <name>_cp_masks.png, <name>_label.tiff "
                          "or the ground truth's own stem")
-    lazy = ((name, domain, _loader(gt), _loader(pred)) for name, domain, gt, pred in pairing.pairs)
-    result = evaluate(lazy, thresholds=thresholds, quiet=quiet, empty_value=empty_value, on_error="collect",
-                      workers=workers, total=len(pairing.pairs))
+    if cluster is not None and cluster.active:
+        result = _evaluate_on_cluster(pairing.pairs, thresholds, empty_value, cluster, quiet)
+    else:
+        lazy = ((name, domain, _loader(gt), _loader(pred)) for name, domain, gt, pred in pairing.pairs)
+        result = evaluate(lazy, thresholds=thresholds, quiet=quiet, empty_value=empty_value, on_error="collect",
+                          workers=workers, total=len(pairing.pairs))
     files = {name: (gt, pred) for name, _, gt, pred in pairing.pairs}
     for k, (name, message) in enumerate(result.errors):
         gt, pred = files[name]
@@ -214,11 +222,45 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
     return report
 
 
+def score_files(item, thresholds, empty_value: float):
+    """One pair as a Dask task of ``eval --workers``: the row :func:`~dqtool.evaluation.metrics.evaluate`
+    scores for it, or ``("error", message)`` for a pair it would collect as a problem. The worker reads the
+    files by their absolute paths; a message names them as the user gave them, as the serial run does."""
+    from dqtool.evaluation.metrics import _score_pair
+
+    name, domain, gt, pred, gt_abs, pred_abs = item
+    try:  # instance_empty_value 0.0: evaluate's default, which the serial path uses
+        return _score_pair((name, domain, _loader(Path(gt_abs)), _loader(Path(pred_abs))), thresholds, empty_value,
+                           0.0)
+    except (ValueError, OSError) as exc:  # InputError, unreadable or missing files: a problem, not a failure
+        return ("error", str(exc).replace(gt_abs, gt).replace(pred_abs, pred))
+
+
+def _evaluate_on_cluster(pairs, thresholds, empty_value, cluster, quiet):
+    """The serial path's result, one pair a Dask task, rows and problems in the order of ``pairs``."""
+    import functools
+
+    from dqtool.common.cluster import iter_tasks
+    from dqtool.evaluation.metrics import EvaluationResult, summarise
+
+    items = [(name, domain, str(gt), str(pred), str(Path(gt).absolute()), str(Path(pred).absolute()))
+             for name, domain, gt, pred in pairs]
+    result = EvaluationResult(thresholds)
+    stream = iter_tasks(functools.partial(score_files, thresholds=thresholds, empty_value=empty_value), items,
+                        cluster, kind="eval", desc="scoring", quiet=quiet, unit="image")
+    for item, row in zip(items, stream):
+        if isinstance(row, tuple):
+            result.errors.append((str(item[0]), row[1]))
+        else:
+            result.per_image.append(row)
+    stream.close()
+    result.summary = summarise(result.per_image, thresholds)
+    return result
+
+
 def _write(report: FolderEvaluation, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    if folder_marker(out) is None and not any(out.iterdir()):
-        write_marker(out, "eval")  # a folder this command made: later reruns may replace its own files
     per_image = write_table(report.result.per_image, out / "per_image")
     paths["per_image"] = per_image["csv"]
     summary = write_table(report.result.summary, out / "summary")
@@ -228,9 +270,10 @@ def _write(report: FolderEvaluation, out: Path) -> dict[str, Path]:
     if problems:
         text += "\n## Problems\n\n" + format_markdown(problems)
         paths["problems"] = write_table(problems, out / "problems")["csv"]
-    elif (folder_marker(out) or {}).get("command") == "eval":
-        # a clean rerun into a folder an earlier `dqtool eval` wrote must not keep that run's problems;
-        # in any other folder a problems file may be a user's and is left alone
+    elif (marker := folder_marker(out) or {}).get("command") == "eval" and "legacy" not in marker:
+        # a clean rerun into a folder an earlier `dqtool eval` marked must not keep that run's problems;
+        # in any other folder (another command's, or an eval folder of a release without the marker) a
+        # problems file may be a user's and is left alone
         for suffix in (".csv", ".md", ".json"):
             (out / "problems").with_suffix(suffix).unlink(missing_ok=True)
     paths["summary_md"] = atomic_write_text(out / "summary.md", text)

@@ -8,14 +8,22 @@ Semantic scores compare foreground probabilities p (Cellpose: p = sigmoid(cellpr
 * Effective invariance (eq. 4): ``(1/|U|) sum_{x in U} [f(x) == f'(x)] sqrt(p(x) p'(x))``.
 
 The instance score (eq. 6) is the adapted Rand F-score between the unperturbed map u and the
-perturbed map v, restricted to R = (u > 0 or v > 0) minus the one-pixel inner boundary band of u's
-instances; a background pixel in R gets its own singleton id. With n_ij the contingency counts on R
-and a_i, b_j its row and column sums (pixel pairs)::
+perturbed map v, restricted to R = (u > 0 or v > 0) minus the boundary band of u, the band the
+paper's code removes::
+
+    band(u) = {x : grey_dilation(u, cross)(x) != grey_erosion(u, cross)(x)}
+
+(the inner boundary of every instance and the one-pixel ring of background just outside it, so a
+perturbed prediction that grows or shrinks every cell by one pixel scores 1); a background pixel in
+R gets its own singleton id. With n_ij the contingency counts on R and a_i, b_j its row and column
+sums (pixel pairs)::
 
     F = sum_ij n_ij (n_ij - 1) / (0.5 sum_i a_i (a_i - 1) + 0.5 sum_j b_j (b_j - 1))
 
 which equals ``1 - skimage.metrics.adapted_rand_error(u_R, v_R, ignore_labels=None)[0]`` on the
-pixels of R (see :func:`rand_pixels`). An empty union (or a region with no pixel pairs) gives NaN.
+pixels of R (see :func:`rand_pixels`). An empty union (or a region with no pixel pairs) gives NaN;
+an empty u against a non-empty v gives 0 (the formula). How a ranking counts an image where the
+unperturbed map is empty is the ranking's rule (``empty`` of :func:`dqtool.ranking.rank.rank_bank`).
 
 Single pairs: :func:`nhd`, :func:`effective_invariance`, :func:`adapted_rand`. Batched forms:
 :func:`semantic_consistency` (any leading dims, broadcast, one kernel call) and
@@ -122,7 +130,8 @@ def _single(name: str, arr) -> None:
 
 
 def rand_region(labels: np.ndarray, labels_perturbed: np.ndarray) -> np.ndarray:
-    """Boolean mask of R: union of both foregrounds minus the inner boundary band of ``labels``."""
+    """Boolean mask of R: union of both foregrounds minus the boundary band of ``labels`` (the pixels
+    where a one-step grey dilation and erosion with the cross footprint differ)."""
     u, v = np.asarray(labels), np.asarray(labels_perturbed)
     if u.shape != v.shape:
         raise ValueError(f"label maps differ in shape: {u.shape} vs {v.shape}")

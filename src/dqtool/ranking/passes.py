@@ -7,8 +7,11 @@ module runs exactly what ``model.eval(x, channels=[0, 0], normalize=False, diame
 * the network is split where the feature perturbations act: the encoder (``net.downsample``, then
   ``net.make_style`` of its deepest output) runs once per tile, and the decoder (``net.upsample``,
   ``net.output``) runs once for the unperturbed prediction and once per feature perturbation on the
-  *same* encoder output (the dropout hook of :func:`dqtool.ranking.perturb.bottleneck_dropout` sits
-  on the decoder's first block, after every encoder layer);
+  *same* encoder output: the dropout hooks of :func:`dqtool.ranking.perturb.bottleneck_dropout` sit
+  after every encoder layer, on the decoder's first block (site 'decoder') or on ``net.upsample``
+  itself (site 'bottleneck', which replaces the bottleneck in a new list of encoder outputs and
+  recomputes the style from it, so the encoder output and the style :meth:`ModelPasses.encode`
+  returns stay unperturbed for the plain decode);
 * on the CPU (MKL-DNN), tiles of several images of one tile size go through the network together,
   ``batch_size`` tiles a batch (Cellpose batches the tiles of one image only), under the rule of
   :meth:`ModelPasses.batches` that keeps every output bit for bit;

@@ -9,12 +9,34 @@ percentile -> 0, 99th -> 1), each with a strength s:
 * ``contrast``:   m + (1 + s)(x - m), m the image mean                        (default s = 0.3)
 
 Feature space (eq. 2), the default: test-time channel ("spatial") dropout at Cellpose CPnet's
-bottleneck. The bottleneck is the output of the deepest encoder level, T0[-1]; CPnet feeds it to
-the decoder (``net.upsample.up[-1](x=T0[-1], y=T0[-1], style)``) as the decoder input ``x``, as the
-deepest skip connection ``y`` and to the style vector. Only the decoder input is perturbed: exactly
-k = ceil(p * C) of its C channels are zeroed, the same channels for every tile and image of the
-run (chosen once from a seeded ``torch.Generator``), and the others are scaled by 1 / (1 - p). The
-hook works in eval mode and is removed on exit, leaving the network as it was.
+bottleneck. The bottleneck is the output of the deepest encoder level, B = T0[-1]; CPnet feeds it to
+three consumers::
+
+    style = make_style(B)                                   # the style vector, read by every up block
+    x     = upsample.up[-1](x=B, y=B, style)                # decoder input x and the deepest skip y
+
+Dropout replaces B by D(B), with exactly k = ceil(p * C) of its C channels zeroed and the others
+scaled by 1 / (1 - p)::
+
+    D(B)[:, c] = 0 for c in K,   D(B)[:, c] = B[:, c] / (1 - p) otherwise,   |K| = ceil(p * C)
+
+``site`` says which consumers see D(B) (the paper's 3-D U-Net has only the first reading; CPnet has both):
+
+* ``decoder`` (default, dqtool's first reading): ``up[-1](x=D(B), y=B, make_style(B))``; the
+  unperturbed B still reaches the decoder through the skip and the style.
+* ``bottleneck``: every consumer, ``up[-1](x=D(B), y=D(B), s')`` with ``s' = make_style(D(B))``
+  given to every up block, as if the encoder itself had output D(B).
+
+``draw`` says when K is drawn from the run's ``torch.Generator`` seeded with ``seed``:
+
+* ``run`` (default): once, at the first forward pass; the same K for every tile and image of the run.
+* ``batch`` (the paper's code): anew for every forward pass (a batch of tiles shares one K), the
+  draws following each other in the generator's stream; so the channels an image gets depend on
+  which batch its tiles run in (batch size, tile packing), unlike ``run``.
+
+The first draw of both is :func:`dropout_channels` ``(C, p, seed)``. The hooks work in eval mode and
+are removed on exit, leaving the network as it was; a :class:`ChannelDropout` kept across several
+``with`` blocks continues its stream (what a ranking does, one block per batch).
 """
 
 from __future__ import annotations
@@ -26,12 +48,25 @@ import numpy as np
 
 __all__ = [
     "INPUT_PERTURBATIONS", "PERTURBATIONS", "DEFAULT_STRENGTH", "perturb_image", "dropout_channels",
-    "bottleneck_dropout", "find_bottleneck", "default_strength",
+    "bottleneck_dropout", "find_bottleneck", "default_strength", "ChannelDropout", "DROPOUT_SITES",
+    "DROPOUT_DRAWS", "DEFAULT_DROPOUT_SITE", "DEFAULT_DROPOUT_DRAW", "check_dropout_options",
 ]
 
 INPUT_PERTURBATIONS = ("noise", "gamma", "brightness", "contrast")
 PERTURBATIONS = ("dropout",) + INPUT_PERTURBATIONS
 DEFAULT_STRENGTH = {"dropout": 0.2, "noise": 0.06, "gamma": 0.3, "brightness": 0.1, "contrast": 0.3}
+DROPOUT_SITES = ("decoder", "bottleneck")  # which consumers of the bottleneck see the dropped channels
+DROPOUT_DRAWS = ("run", "batch")  # dropped channels drawn once per run, or anew per forward pass
+DEFAULT_DROPOUT_SITE = "decoder"  # as before issue 13; to be chosen from the real-bank measurement
+DEFAULT_DROPOUT_DRAW = "run"
+
+
+def check_dropout_options(site: str, draw: str) -> None:
+    """ValueError unless ``site`` is one of :data:`DROPOUT_SITES` and ``draw`` one of :data:`DROPOUT_DRAWS`."""
+    if site not in DROPOUT_SITES:
+        raise ValueError(f"dropout site must be one of {', '.join(DROPOUT_SITES)}; got {site!r}")
+    if draw not in DROPOUT_DRAWS:
+        raise ValueError(f"dropout draw must be one of {', '.join(DROPOUT_DRAWS)}; got {draw!r}")
 
 
 def default_strength(kind: str) -> float:
@@ -88,34 +123,101 @@ def find_bottleneck(net):
     return up[-1]
 
 
-@contextmanager
-def bottleneck_dropout(net, p: float = 0.2, seed: int = 0):
-    """Context manager: channel dropout on the decoder input at CPnet's bottleneck (eq. 2).
+def _upsample(net):
+    up = getattr(net, "upsample", None)
+    if up is None or len(getattr(up, "up", ())) == 0:
+        raise ValueError(f"expected a Cellpose CPnet (with upsample.up), got {type(net).__name__}")
+    return up
 
-    Yields a dict that gets ``channels`` (the dropped indices) once the first forward pass has seen
-    C. On exit the hook is removed, so the network computes exactly what it did before.
+
+class ChannelDropout:
+    """The dropped channels of one run: rate ``p``, ``seed`` and ``draw`` ('run' or 'batch', module docs).
+
+    :meth:`apply` drops channels of a bottleneck tensor (dense or MKL-DNN); :attr:`draws` lists every
+    draw made so far, :attr:`channels` the latest.
     """
-    import torch
 
-    block = find_bottleneck(net)
-    state: dict = {"channels": None, "scale": 1.0 / (1.0 - p) if p < 1 else math.inf}
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout rate p must lie in [0, 1), got {p}")
+    def __init__(self, p: float = 0.2, seed: int = 0, draw: str = DEFAULT_DROPOUT_DRAW):
+        import torch
 
-    def hook(module, args):
-        x = args[0]
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate p must lie in [0, 1), got {p}")
+        check_dropout_options(DEFAULT_DROPOUT_SITE, draw)
+        self.p, self.seed, self.draw = float(p), int(seed), draw
+        self.scale = 1.0 / (1.0 - self.p)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self.channels = None
+        self.draws: list = []
+
+    def next_channels(self, n_channels: int):
+        """K for the next forward pass: drawn anew under 'batch', once under 'run'."""
+        import torch
+
+        if self.draw == "run" and self.channels is not None:
+            if n_channels != self._n_channels:
+                raise ValueError(f"bottleneck has {n_channels} channels, the run's draw was for {self._n_channels}")
+            return self.channels
+        k = math.ceil(self.p * n_channels)
+        self.channels = torch.randperm(n_channels, generator=self._generator)[:k].sort().values
+        self._n_channels = n_channels
+        self.draws.append(self.channels)
+        return self.channels
+
+    def apply(self, x):
+        """D(x): the next draw's channels zeroed, the others scaled by 1 / (1 - p); (D(x), dense D(x))."""
+        import torch
+
         mkldnn = x.is_mkldnn
         dense = x.to_dense() if mkldnn else x
-        if state["channels"] is None:
-            state["channels"] = dropout_channels(dense.shape[1], p, seed)
-        keep = torch.full((dense.shape[1],), state["scale"], dtype=dense.dtype, device=dense.device)
-        keep[state["channels"].to(dense.device)] = 0.0
+        channels = self.next_channels(dense.shape[1])
+        keep = torch.full((dense.shape[1],), self.scale, dtype=dense.dtype, device=dense.device)
+        keep[channels.to(dense.device)] = 0.0
         dropped = dense * keep.view(1, -1, *([1] * (dense.ndim - 2)))
-        if mkldnn:
-            dropped = dropped.to_mkldnn()
+        return (dropped.to_mkldnn() if mkldnn else dropped), dropped
+
+
+@contextmanager
+def bottleneck_dropout(net, p: float = 0.2, seed: int = 0, site: str = DEFAULT_DROPOUT_SITE,
+                       draw: str = DEFAULT_DROPOUT_DRAW, dropout: ChannelDropout | None = None):
+    """Context manager: channel dropout at CPnet's bottleneck (eq. 2) at ``site``, drawn per ``draw``.
+
+    ``site='decoder'``: a forward pre-hook on ``upsample.up[-1]`` replaces its input x by D(B) (the
+    skip y and the style stay). ``site='bottleneck'``: a forward pre-hook on ``upsample`` replaces
+    B = T0[-1] by D(B) in the list of encoder outputs it reads (a new list: the caller's T0 is not
+    changed, so an encoder pass can be decoded plain and perturbed) and the style by
+    ``make_style(D(B))``, so every consumer sees D(B). ``dropout`` (a :class:`ChannelDropout`) carries a
+    run's draws across several ``with`` blocks; without it one is made from ``p``, ``seed``, ``draw``.
+
+    Yields a dict that gets ``channels`` (the latest dropped indices) and ``draws`` (all of them,
+    one per forward pass under 'batch') once a forward pass has seen C. On exit the hook is removed,
+    so the network computes exactly what it did before.
+    """
+    check_dropout_options(site, draw if dropout is None else dropout.draw)
+    if dropout is None:
+        dropout = ChannelDropout(p, seed, draw)
+    state: dict = {"channels": None, "draws": dropout.draws, "site": site, "dropout": dropout}
+
+    def decoder_hook(module, args):
+        dropped, _ = dropout.apply(args[0])
+        state["channels"] = dropout.channels
         return (dropped,) + tuple(args[1:])  # y (the skip connection) and style stay untouched
 
-    handle = block.register_forward_pre_hook(hook)
+    def bottleneck_hook(module, args):
+        if len(args) < 2:
+            raise ValueError("expected CPnet's upsample(style, xd, mkldnn) called with positional arguments")
+        style, xd = args[0], args[1]
+        dropped, dense = dropout.apply(xd[-1])
+        state["channels"] = dropout.channels
+        new_style = net.make_style(dense)
+        if not getattr(net, "style_on", True):  # CPnet.forward's switch, kept
+            new_style = new_style * 0
+        new_style = new_style.to(style.dtype)
+        return (new_style, list(xd[:-1]) + [dropped]) + tuple(args[2:])
+
+    if site == "decoder":
+        handle = find_bottleneck(net).register_forward_pre_hook(decoder_hook)
+    else:
+        handle = _upsample(net).register_forward_pre_hook(bottleneck_hook)
     try:
         yield state
     finally:

@@ -5,7 +5,11 @@ perturbed (:mod:`dqtool.perturb`). Per image it gets three consistencies (:mod:`
 the NHD score (eq. 5) and effective invariance (eq. 4) of p = sigmoid(cellprob), and the adapted
 Rand F-score (eq. 6) of the two label maps. A model's score is the median over images (eq. 3 with
 one perturbed run), NaNs (empty unions) left out and counted; models are ranked by descending score
-(``score='adapted_rand'`` by default; Cellpose is an instance model).
+(``score='adapted_rand'`` by default; Cellpose is an instance model). An image where the model's
+unperturbed prediction holds no cell counts by the ``empty`` rule (:func:`apply_empty_rule`):
+``worst`` (default) scores it 0 when another model finds cells there, ``skip`` (the paper's code)
+leaves its adapted Rand out. Feature dropout acts at ``dropout_site`` with channels drawn per
+``dropout_draw`` (:mod:`dqtool.ranking.perturb`).
 
 Both runs see the same input: the image in grayscale (Cellpose channels [0, 0]) normalised by
 Cellpose's own ``normalize_img`` (1st/99th percentile), then perturbed for input perturbations; the
@@ -18,31 +22,38 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from dqtool.common.cluster import Cluster, iter_tasks
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import file_sha256
+from dqtool.common.outputs import writes_folder
 from dqtool.ranking.consistency import adapted_rand, cellprob_to_probability, semantic_consistency
 from dqtool.common.errors import InputError
 from dqtool.data.io import read_image, read_labels, to_gray
 from dqtool.data.naming import LabelFolder, list_input_images
 from dqtool.ranking.outputs_cache import OutputsCache
 from dqtool.ranking.passes import EvalSettings, ModelPasses, Prediction
-from dqtool.ranking.perturb import PERTURBATIONS, bottleneck_dropout, default_strength, perturb_image
-from dqtool.common.progress import bar
+from dqtool.ranking.perturb import (DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE, PERTURBATIONS, ChannelDropout,
+                                   bottleneck_dropout, check_dropout_options, default_strength, perturb_image)
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.model_files import builtin_models, discover_models
 
-__all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations"]
+__all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations",
+           "EMPTY_RULES", "DEFAULT_EMPTY", "apply_empty_rule"]
 
 SCORES = ("adapted_rand", "nhd", "effective_invariance")
 FEATURE_PERTURBATIONS = ("dropout",)  # act inside the network: they reuse the unperturbed encoder pass
 THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # IoU 0.5:0.95
+EMPTY_RULES = ("worst", "skip")  # how an image where a model finds nothing counts (apply_empty_rule)
+DEFAULT_EMPTY = "worst"  # recommended (see apply_empty_rule); the lead confirms it on the real bank
 
 
 @dataclass
@@ -61,6 +72,7 @@ class ModelScore:
     n_nhd: int = 0
     n_effective_invariance: int = 0
     n_images: int = 0
+    n_empty: int = 0  # images where the unperturbed prediction holds no cell (n_cells == 0)
     f1: float = math.nan  # with labels: mean over labelled images of F1 at IoU 0.5
     accuracy: float = math.nan  # with labels: mean over images of the mean accuracy at IoU 0.5:0.95
     n_labelled: int = 0
@@ -85,6 +97,7 @@ class RankResult:
     correlations: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # dropout_site, dropout_draw, empty
 
     @property
     def ranked(self) -> list:
@@ -92,7 +105,7 @@ class RankResult:
 
     def table(self) -> list[dict]:
         cols = ["rank", "model", "score", "adapted_rand", "nhd", "effective_invariance", "n_images",
-                "n_adapted_rand", "n_nhd", "status"]
+                "n_adapted_rand", "n_nhd", "n_empty", "status"]
         if any(m.n_labelled for m in self.models):
             cols += ["f1", "accuracy", "n_labelled"]
         cols += ["error"]
@@ -104,7 +117,7 @@ class RankResult:
                 "failed": [{"model": m.model, "error": m.error} for m in self.models if m.status != "ok"],
                 "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "notes": list(self.notes),
                 "ranking": [m.to_dict() for m in self.models], "correlations": self.correlations,
-                "timing": self.timing}
+                "timing": self.timing, **self.options}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,16 +171,22 @@ def noise_seed(seed: int, image_index: int) -> int:
 
 def score_model(model, inputs: Sequence[np.ndarray], perturbation: str, strength: float, seed: int = 0,
                 labels: Sequence[np.ndarray | None] | None = None, diameter: float | None = None,
-                batch_size: int = 8, tick=None) -> tuple[list[dict], float]:
+                batch_size: int = 8, tick=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
+                dropout_draw: str = DEFAULT_DROPOUT_DRAW) -> tuple[list[dict], float]:
     """Per-image consistency records of one model and one perturbation, by two ``model.eval`` calls per
-    image (the plain loop the shared passes of :func:`score_model_passes` are tested against)."""
+    image (the plain loop the shared passes of :func:`score_model_passes` are tested against).
+
+    Dropout acts at ``dropout_site`` with one :class:`~dqtool.ranking.perturb.ChannelDropout` for the
+    whole loop (its 'batch' draws follow ``eval``'s batches, image after image)."""
     masks, masks_p, cellprobs, cellprobs_p = [], [], [], []
     inference = 0.0
+    check_dropout_options(dropout_site, dropout_draw)
+    dropout = ChannelDropout(strength, seed, dropout_draw) if perturbation == "dropout" else None
     for i, x in enumerate(inputs):
         t0 = time.perf_counter()
         m0, c0 = _eval(model, x, diameter, batch_size)
         if perturbation == "dropout":
-            with bottleneck_dropout(model.net, p=strength, seed=seed):
+            with bottleneck_dropout(model.net, site=dropout_site, dropout=dropout):
                 m1, c1 = _eval(model, x, diameter, batch_size)
         else:
             m1, c1 = _eval(model, perturb_image(x, perturbation, strength, seed=noise_seed(seed, i)), diameter,
@@ -217,14 +236,27 @@ def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[
                        labels: Sequence[np.ndarray | None] | None = None,
                        settings: EvalSettings | None = None, cache: OutputsCache | None = None,
                        model_sha: str = "", image_shas: Sequence[str] = (), image_names: Sequence[str] = (),
-                       tick=None) -> tuple[dict[str, list[dict]], float]:
+                       tick=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
+                       dropout_draw: str = DEFAULT_DROPOUT_DRAW,
+                       image_indices: Sequence[int] = ()) -> tuple[dict[str, list[dict]], float]:
     """Per-image records of every perturbation in ``perturbations`` (kind -> strength) for one model.
 
     The passes are shared: one encoder pass per image and tile for the unperturbed prediction and
     every feature perturbation (a decoder pass each), one full pass per input perturbation, and no
-    unperturbed pass at all for an image whose unperturbed prediction is in ``cache``. Every number
-    equals :func:`score_model`'s for each perturbation alone (tested).
+    unperturbed pass at all for an image whose unperturbed prediction is in ``cache``. Both dropout
+    sites act after the shared encoder pass (``bottleneck`` recomputes the style from the dropped
+    features in the decoder's hook). Every number equals :func:`score_model`'s for each perturbation
+    alone (tested) under ``dropout_draw='run'``; under 'batch' the channels are drawn anew for each
+    of :meth:`ModelPasses.batches`' batches (tiles of several images packed together), one stream
+    per call, so they differ from ``eval``'s per-image batches.
+
+    ``image_indices``: the positions of ``inputs`` in the run (default 0, 1, ...), which give each
+    image its noise seed (:func:`noise_seed`) and its records' ``image``; with them, a 'batch' dropout
+    stream is seeded by the first image's :func:`noise_seed` (:func:`score_pair` passes one image, so
+    every image of a ranking has a stream of its own, whatever task runs it).
     """
+    check_dropout_options(dropout_site, dropout_draw)
+    index = [int(i) for i in image_indices] or list(range(len(inputs)))
     t0 = time.perf_counter()
     passes = ModelPasses(model, settings or EvalSettings())
     n = len(inputs)
@@ -234,6 +266,8 @@ def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[
         plain = [cache.load(model_sha, image_shas[i], f"{Path(str(getattr(model, 'pretrained_model', ''))).name} "
                                                       f"on {names[i]}") for i in range(n)]
     feature = [k for k in perturbations if k in FEATURE_PERTURBATIONS]
+    stream_seed = noise_seed(seed, index[0]) if image_indices and dropout_draw == "batch" else seed
+    dropouts = {k: ChannelDropout(perturbations[k], stream_seed, dropout_draw) for k in feature}  # one stream per call
     missing = [i for i in range(n) if plain[i] is None]
     outputs: dict[str, dict[int, Prediction]] = {k: {} for k in perturbations}
 
@@ -246,7 +280,7 @@ def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[
         def heads(encoded):
             ys = {"": passes.decode(encoded)} if decode_plain else {}
             for kind in feature:
-                with bottleneck_dropout(passes.net, p=perturbations[kind], seed=seed):
+                with bottleneck_dropout(passes.net, site=dropout_site, dropout=dropouts[kind]):
                     ys[kind] = passes.decode(encoded)
             return ys
 
@@ -260,7 +294,7 @@ def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[
 
     # every input perturbation: one full pass of the perturbed images
     for kind in (k for k in perturbations if k not in FEATURE_PERTURBATIONS):
-        tiled = [passes.tile(perturb_image(x, kind, perturbations[kind], seed=noise_seed(seed, i)))
+        tiled = [passes.tile(perturb_image(x, kind, perturbations[kind], seed=noise_seed(seed, index[i])))
                  for i, x in enumerate(inputs)]
         for i, (t, ys) in enumerate(zip(tiled, passes.run(tiled, lambda encoded: {"": passes.decode(encoded)}))):
             outputs[kind][i] = passes.masks(t, *passes.untile(t, ys[""]))
@@ -275,7 +309,118 @@ def score_model_passes(model, inputs: Sequence[np.ndarray], perturbations: dict[
     records = {kind: _records(masks, cellprobs, [outputs[kind][i].masks for i in range(n)],
                               [outputs[kind][i].cellprob for i in range(n)], performance)
                for kind in perturbations}
+    if image_indices:
+        for recs in records.values():
+            for rec in recs:
+                rec["image"] = index[rec["image"]]
     return records, inference
+
+
+# --------------------------------------------------------------------------------------------------
+# One task of a ranking: one model on one image, every perturbation (serial or on Dask workers)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankPair:
+    """What :func:`score_pair` needs to score one model on one image (small: paths, not arrays).
+
+    The seeds come from the run's ``seed`` and the image's ``index`` alone (:func:`noise_seed`; dropout
+    channels from ``seed``), never from the worker or the order the tasks run in.
+    """
+
+    model: str
+    image: str
+    index: int  # the image's position in the run
+    perturbations: tuple  # ((kind, strength), ...)
+    seed: int
+    settings: EvalSettings
+    dropout_site: str = DEFAULT_DROPOUT_SITE
+    dropout_draw: str = DEFAULT_DROPOUT_DRAW
+    label: str | None = None  # its label file (validation), read where the task runs
+    labelled: bool = False  # the run has labels (an image without a label file has label None)
+    model_sha: str = ""  # with the outputs cache: its key
+    image_sha: str = ""
+    cache: str | None = None  # the outputs cache folder: read by the task, written by the client only
+    cache_settings: dict | None = None  # OutputsCache.settings, as the client computed them
+
+
+@dataclass
+class PairResult:
+    """One :class:`RankPair`'s per-image records (kind -> record), or the error that stopped it."""
+
+    records: dict = field(default_factory=dict)
+    inference: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
+    plain: Prediction | None = None  # an unperturbed prediction the cache lacked: the client stores it
+    hits: int = 0
+    notes: list = field(default_factory=list)
+
+
+class _PairCache:
+    """The outputs cache as one task sees it: reads through :class:`OutputsCache`, and keeps what
+    :func:`score_model_passes` would store for the client to write (the one writer of the cache)."""
+
+    def __init__(self, reader: OutputsCache):
+        self.reader = reader
+        self.computed: Prediction | None = None
+
+    def load(self, model_sha: str, image_sha: str, what: str) -> Prediction | None:
+        return self.reader.load(model_sha, image_sha, what)
+
+    def store(self, model_sha: str, image_sha: str, pred: Prediction) -> None:
+        self.computed = pred
+
+
+_LOADED: "OrderedDict[tuple, object]" = OrderedDict()  # the last models this process loaded (a worker's)
+_KEEP_LOADED = 2
+
+
+def _loaded_model(path: str, sha: str):
+    """The model at ``path``, loaded once for the consecutive images a process scores with it.
+
+    Keyed by the file's content (sha256, or size and mtime) and the thread, so a changed file is read
+    again and threads of one worker never share a network (the dropout hooks sit on it).
+    """
+    from dqtool.segmentation.predict import load_model  # validated loading, never a download
+
+    st = os.stat(path)
+    key = (str(path), sha or (st.st_size, st.st_mtime_ns), threading.get_ident())
+    if key not in _LOADED:
+        _LOADED[key] = load_model(path)
+        while len(_LOADED) > _KEEP_LOADED:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(key)
+    return _LOADED[key]
+
+
+def score_pair(pair: RankPair) -> PairResult:
+    """Rank task: one model on one image under every perturbation of the run (shared passes,
+    :func:`score_model_passes`), records as the serial loop over the bank gives them, bit for bit.
+
+    Reads the model, the image (normalised as :func:`normalise_for_model`), its label and the outputs
+    cache; writes nothing. An error (a broken model) is returned, not raised: one broken model must
+    not stop the ranking of the others.
+    """
+    t0 = time.perf_counter()
+    reader = None
+    try:
+        model = _loaded_model(pair.model, pair.model_sha)
+        x = normalise_for_model(read_image(pair.image))
+        labels = [None if pair.label is None else read_labels(pair.label)] if pair.labelled else None
+        reader = _PairCache(OutputsCache(Path(pair.cache), pair.cache_settings or {})) if pair.cache else None
+        records, inference = score_model_passes(
+            model, [x], dict(pair.perturbations), seed=pair.seed, labels=labels, settings=pair.settings,
+            cache=reader, model_sha=pair.model_sha, image_shas=[pair.image_sha], image_names=[Path(pair.image).name],
+            dropout_site=pair.dropout_site, dropout_draw=pair.dropout_draw, image_indices=[pair.index])
+    except Exception as exc:  # noqa: BLE001 - the model fails, the ranking goes on
+        return PairResult(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
+                          hits=0 if reader is None else reader.reader.hits,
+                          notes=[] if reader is None else list(reader.reader.notes))
+    return PairResult(records={k: v[0] for k, v in records.items()}, inference=inference,
+                      seconds=time.perf_counter() - t0, plain=None if reader is None else reader.computed,
+                      hits=0 if reader is None else reader.reader.hits,
+                      notes=[] if reader is None else list(reader.reader.notes))
 
 
 def _median(values) -> tuple[float, int]:
@@ -283,10 +428,34 @@ def _median(values) -> tuple[float, int]:
     return (float(np.median(v)) if v.size else math.nan), int(v.size)
 
 
-def _summarise(name: str, records: list[dict], score: str) -> ModelScore:
+def _found_nothing(record: dict) -> bool:
+    """The unperturbed prediction of this image holds no cell (records without a count found some)."""
+    return record.get("n_cells", 1) == 0
+
+
+def _counted(record: dict, key: str, empty: str, found_elsewhere: bool) -> float:
+    """The value of score ``key`` that enters the median under the ``empty`` rule (:func:`apply_empty_rule`)."""
+    if not _found_nothing(record):
+        return record[key]
+    if empty == "worst" and found_elsewhere:
+        return 0.0  # the worst value of every score (all three lie in [0, 1])
+    return math.nan if key == "adapted_rand" else record[key]  # the paper's code: NaN on an empty map
+
+
+def _summarise(name: str, records: list[dict], score: str, empty: str = DEFAULT_EMPTY,
+               found_elsewhere: Sequence[bool] | None = None) -> ModelScore:
+    """One model's medians over its per-image ``records`` under the ``empty`` rule.
+
+    ``found_elsewhere[i]``: another model of the bank finds a cell on image i (None: not known, so no
+    image scores 'worst'; :func:`apply_empty_rule` summarises again once the whole bank is known).
+    """
+    if empty not in EMPTY_RULES:
+        raise InputError(f"empty {empty!r}: expected one of {', '.join(EMPTY_RULES)}")
+    elsewhere = [False] * len(records) if found_elsewhere is None else list(found_elsewhere)
     ms = ModelScore(model=name, n_images=len(records), per_image=records)
+    ms.n_empty = sum(_found_nothing(r) for r in records)
     for key in SCORES:
-        value, n = _median(r[key] for r in records)
+        value, n = _median(_counted(r, key, empty, e) for r, e in zip(records, elsewhere))
         setattr(ms, key, value)
         setattr(ms, f"n_{key}", n)
     ms.score = getattr(ms, score)
@@ -296,6 +465,50 @@ def _summarise(name: str, records: list[dict], score: str) -> ModelScore:
         ms.accuracy = float(np.mean([r["accuracy"] for r in labelled]))
         ms.n_labelled = len(labelled)
     return ms
+
+
+def apply_empty_rule(models: Sequence[ModelScore], score: str, empty: str = DEFAULT_EMPTY) -> list[ModelScore]:
+    """The bank's models summarised again under the ``empty`` rule, now that every model's images are known.
+
+    Model m "finds nothing" on image i when its unperturbed label map holds no cell (n_cells = 0), and
+    "another model finds cells" there when some other ranked model m' has n_cells(m', i) > 0. The value
+    of score s (adapted Rand, NHD, EI) that enters m's median is::
+
+        s'(m, i) = s(m, i)                        if m finds cells on i
+                 = 0                              if m finds nothing on i, another model does, empty = 'worst'
+                 = NaN (left out), adapted Rand   otherwise (empty = 'skip', or no model finds cells on i)
+                 = s(m, i), NHD and EI            otherwise (NaN where the union of foregrounds is empty)
+
+        score(m) = median of s'(m, i) over the images i where s'(m, i) is not NaN   (n_<score> = their number)
+
+    ``skip`` is the paper's code: the adapted Rand of an empty unperturbed map is NaN and the median
+    runs over the other images, so a model that finds nothing on most images is ranked by the few where
+    it found something (and often ranks high: a small, stable prediction). ``worst`` (the default)
+    counts a failure as a failure: where the other models show that there are cells to find, finding
+    none is the least consistent outcome a model can have, so the image scores the worst value of
+    each score, 0, and the median runs over the same images for every model that could have found
+    something. An image where no model finds a cell (truly empty, or too hard for the whole bank)
+    stays out for everyone under both rules, as in the paper (which limits evaluation to non-empty
+    images). ``ModelScore.n_empty`` reports the images where the model found nothing.
+    """
+    if empty not in EMPTY_RULES:
+        raise InputError(f"empty {empty!r}: expected one of {', '.join(EMPTY_RULES)}")
+    ok = [m for m in models if m.status == "ok" and m.per_image]
+    n = max((len(m.per_image) for m in ok), default=0)
+    finders = np.zeros(n, np.int64)
+    for m in ok:
+        finders[:len(m.per_image)] += [not _found_nothing(r) for r in m.per_image]
+    ok_ids = {id(m) for m in ok}
+    out = []
+    for m in models:
+        if id(m) not in ok_ids:
+            out.append(m)
+            continue
+        elsewhere = [finders[i] - (not _found_nothing(r)) > 0 for i, r in enumerate(m.per_image)]
+        new = _summarise(m.model, m.per_image, score, empty, elsewhere)
+        new.seconds, new.rank = m.seconds, m.rank
+        out.append(new)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,21 +656,27 @@ class BankRanking:
 def rank_models(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
                 perturbation: str = "dropout", strength: float | None = None, out: str | os.PathLike | None = None,
                 score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
-                quiet: bool = True, cache: bool = True, builtin=None) -> RankResult:
+                quiet: bool = True, cache: bool = True, builtin=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
+                dropout_draw: str = DEFAULT_DROPOUT_DRAW, empty: str = DEFAULT_EMPTY,
+                cluster: Cluster | None = None) -> RankResult:
     """``dqtool rank`` with one perturbation: the :class:`RankResult` of :func:`rank_bank`."""
     kinds = parse_perturbations(perturbation)
     if len(kinds) != 1:
         raise InputError(f"perturbation {perturbation!r}: rank_models takes one; rank_bank takes a list")
     bank = rank_bank(models_dir, images, labels=labels, perturbations=kinds, strength=strength, out=out,
                      score=score, seed=seed, diameter=diameter, batch_size=batch_size, quiet=quiet, cache=cache,
-                     builtin=builtin)
+                     builtin=builtin, dropout_site=dropout_site, dropout_draw=dropout_draw, empty=empty,
+                     cluster=cluster)
     return bank.results[kinds[0]]
 
 
+@writes_folder("rank", out="out", inputs=("models_dir", "images", "labels"))  # refused, marked, locked
 def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike | None = None,
               perturbations="dropout", strength=None, out: str | os.PathLike | None = None,
               score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
-              quiet: bool = True, cache: bool = True, builtin=None) -> BankRanking:
+              quiet: bool = True, cache: bool = True, builtin=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
+              dropout_draw: str = DEFAULT_DROPOUT_DRAW, empty: str = DEFAULT_EMPTY,
+              cluster: Cluster | None = None) -> BankRanking:
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
@@ -465,14 +684,32 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
     with ``labels``, validation.* into ``out``; several write them into ``out/<perturbation>/``, the
     same files a run with that perturbation alone writes. The unperturbed predictions are cached in
-    ``out/cache/`` unless ``cache`` is False. ``builtin`` (``"cyto3,nuclei"`` or a list) adds Cellpose's
+    ``out/cache/`` unless ``cache`` is False. ``out`` is one of dqtool's output folders
+    (:func:`dqtool.common.outputs.writing_folder`: never an input or a lab's non-empty folder; one writer at
+    a time). ``builtin`` (``"cyto3,nuclei"`` or a list) adds Cellpose's
     built-in models by name, read from Cellpose's model folder and never downloaded
     (:func:`dqtool.segmentation.model_files.builtin_models`).
+
+    ``dropout_site`` ('decoder' or 'bottleneck') and ``dropout_draw`` ('run' or 'batch') say where the
+    dropout perturbation acts and when its channels are drawn (:mod:`dqtool.ranking.perturb`);
+    ``empty`` ('worst' or 'skip') how an image where a model finds nothing counts
+    (:func:`apply_empty_rule`). Each result records them in ``RankResult.options`` (and rank.json).
+
+    ``cluster`` (:class:`dqtool.common.cluster.Cluster`, ``--workers``/``--scheduler``): the (model, image)
+    tasks (:func:`score_pair`) run on Dask workers, which read the models, images, labels and the
+    outputs cache (a shared file system) and write nothing; this process writes the cache and the
+    tables, the same bytes as the serial run (the default).
     """
     t_start = time.perf_counter()
     kinds = parse_perturbations(perturbations)
     if score not in SCORES:
         raise InputError(f"score {score!r}: expected one of {', '.join(SCORES)}")
+    try:
+        check_dropout_options(dropout_site, dropout_draw)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if empty not in EMPTY_RULES:
+        raise InputError(f"empty {empty!r}: expected one of {', '.join(EMPTY_RULES)}")
     strengths = resolve_strengths(kinds, strength)
     model_files, skipped = discover_models(models_dir)
     if builtin:
@@ -482,7 +719,6 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
         raise InputError(f"{models_dir}: no Cellpose model files found{detail}")
     files = list_input_images(images)
     targets = load_target_images(files)
-    inputs = [normalise_for_model(img) for img in targets]
     notes = [f"skipped {Path(f).name}: {r}" for f, r in skipped]
     truth = None
     if labels is not None:
@@ -496,38 +732,61 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     else:
         image_shas = [""] * len(files)
 
-    from dqtool.segmentation.predict import load_model  # validated loading, never a download
-
+    # one task per (model, image), every perturbation included (score_pair), in this order: the results
+    # come back in it, serially or from Dask workers, so the tables are the same bytes either way
+    label_files = _label_files(labels, files) if truth is not None else [None] * len(files)
+    pairs = []
+    for path in model_files:
+        model_sha = "" if store is None else _file_sha(path)
+        pairs += [RankPair(model=_absolute(path), image=_absolute(f), index=i, perturbations=tuple(strengths.items()),
+                           seed=seed, settings=settings, dropout_site=dropout_site, dropout_draw=dropout_draw,
+                           label=None if label_files[i] is None else _absolute(label_files[i]),
+                           labelled=truth is not None, model_sha=model_sha, image_sha=image_shas[i],
+                           cache=None if store is None else _absolute(store.folder),
+                           cache_settings=None if store is None else store.settings)
+                  for i, f in enumerate(files)]
+    per_pair: list[PairResult] = []
+    try:
+        for pair, res in zip(pairs, iter_tasks(score_pair, pairs, cluster, kind="rank", desc="rank", quiet=quiet,
+                                               unit="img")):
+            if res.plain is not None and store is not None:  # the client is the cache's one writer
+                store.store(pair.model_sha, pair.image_sha, res.plain)
+            res.plain = None
+            per_pair.append(res)
+    finally:
+        _LOADED.clear()  # the serial path's models (a worker keeps its own)
     per_kind: dict[str, list[ModelScore]] = {k: [] for k in kinds}
     inference = 0.0
-    progress = bar(len(model_files) * len(inputs), desc="rank", quiet=quiet, unit="img")
-    try:
-        for path in model_files:
-            t0 = time.perf_counter()
+    cache_notes: list = []
+    n = len(files)
+    for m, path in enumerate(model_files):
+        results = per_pair[m * n:(m + 1) * n]
+        for res in results:
+            inference += res.inference
+            cache_notes += res.notes
+            if store is not None:
+                store.hits += res.hits
+        error = next((res.error for res in results if res.error), "")
+        if not error:
             try:
-                model = load_model(path)
-                model_sha = "" if store is None else file_sha256(path)
-                records, secs = score_model_passes(model, inputs, strengths, seed=seed, labels=truth,
-                                                   settings=settings, cache=store, model_sha=model_sha,
-                                                   image_shas=image_shas, image_names=[f.name for f in files],
-                                                   tick=lambda: progress.update(1))
-                inference += secs
-                scores = {k: _summarise(str(path), records[k], score) for k in kinds}
+                scores = {k: _summarise(str(path), [res.records[k] for res in results], score) for k in kinds}
             except Exception as exc:  # one broken model must not stop the ranking of the others
                 error = f"{type(exc).__name__}: {exc}"
-                scores = {k: ModelScore(model=str(path), status="failed", error=error) for k in kinds}
-                notes.append(f"failed {path.name}: {error}")
-            seconds = time.perf_counter() - t0
-            for k in kinds:
-                scores[k].seconds = seconds
-                per_kind[k].append(scores[k])
-    finally:
-        progress.close()
+        if error:
+            scores = {k: ModelScore(model=str(path), status="failed", error=error) for k in kinds}
+            notes.append(f"failed {path.name}: {error}")
+        seconds = sum(res.seconds for res in results)
+        for k in kinds:
+            scores[k].seconds = seconds
+            per_kind[k].append(scores[k])
     if store is not None:
-        notes += store.notes
+        notes += cache_notes
 
     timing = {"inference_s": inference, "total_s": time.perf_counter() - t_start}
+    per_kind = {k: apply_empty_rule(per_kind[k], score, empty) for k in kinds}  # needs the whole bank
     results = {k: _result(per_kind[k], score, k, strengths[k], seed, skipped, notes, truth, timing) for k in kinds}
+    for result in results.values():
+        result.options = {"dropout_site": dropout_site, "dropout_draw": dropout_draw, "empty": empty}
     bank = BankRanking(results=results, notes=notes, timing=timing, cache={} if store is None else store.to_dict())
     if out is not None:
         for k, result in results.items():
@@ -553,6 +812,25 @@ def _result(models: list, score, perturbation, strength, seed, skipped, notes, t
     if truth is not None:
         result.correlations = _validation_rows(ok, seed)
     return result
+
+
+def _absolute(path) -> str:
+    """A path a task reads, absolute: a worker's working folder is not this process's."""
+    return str(Path(path).absolute())
+
+
+def _file_sha(path) -> str:
+    """The model file's sha256 (its outputs-cache key); "" when it cannot be read (its task fails then)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _label_files(labels_dir, files: Sequence[Path]) -> list:
+    """Each image's label file (None without one), by the rule :func:`_read_truth` reads them with."""
+    folder = LabelFolder(Path(labels_dir))
+    return [folder.find(f) for f in files]
 
 
 def _read_truth(labels_dir, files: Sequence[Path], targets: Sequence[np.ndarray]):

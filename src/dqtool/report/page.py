@@ -2,23 +2,29 @@
 
 The HTML file embeds every picture as a base64 PNG and links nothing outside itself, so it opens without a
 network; the Markdown file holds the same sections, with its pictures written beside it in
-``report_files/``. Sections: what the run found (summary), data, DQ selection and coverage, each model's
-training (loss per epoch), scores and ranking with its validation, predicted outlines of the best and worst
-ranked models. A part the run lacks is said in its section and listed under "What is missing".
+``report_files/``. The page replaces only its own files (a page of ``dqtool report`` is recognised by its
+content, :func:`dqtool.common.outputs.is_report_page`), never a lab's file of that name nor the ``report.md``
+of a ``dqtool experiment`` folder; :func:`write_report` holds the output folder's lock.
+
+Sections: what the run found (summary), data, DQ selection and coverage, each model's training (loss per
+epoch), scores and ranking with its validation, predicted outlines of the best and worst ranked models. A
+part the run lacks is said in its section and listed under "What is missing".
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dqtool.common.files import atomic_write_bytes, atomic_write_text
+from dqtool.common.files import atomic_write_text
 from dqtool.common.tables import format_markdown
 from dqtool.report.contents import (
     Figure,
@@ -276,6 +282,96 @@ def render_markdown(title: str, sections: list[Section], missing: list[str], fil
 # -------------------------------------------------------------------------------------------- entry
 
 
+#: The page's own entries in its folder: the two pages, and the folder of the Markdown page's pictures.
+PAGES = ("report.html", "report.md")
+FILES_DIR = "report_files"
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _foreign_file(folder: Path) -> str | None:
+    """The first entry of ``report_files/`` that is not the report's own picture, or None.
+
+    The report's own: listed with its sha256 in the folder's marker (``dqtool report`` writes it), or, in a
+    folder of an earlier release (no marker), linked from the ``report.md`` page beside it.
+    """
+    from dqtool.common.files import file_sha256
+    from dqtool.common.outputs import MARKER, folder_marker, is_report_page
+
+    marker = folder_marker(folder)
+    page = folder.parent / "report.md"
+    if marker is not None:
+        listed = marker.get("files") if marker.get("command") == "report" else None
+        if not isinstance(listed, dict):
+            return MARKER  # another command's folder
+        linked = ""
+    else:
+        listed, linked = {}, page.read_text(encoding="utf-8") if is_report_page(page) else ""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MARKER and marker is not None:
+            continue
+        if not entry.is_file() or entry.is_symlink():
+            return entry.name
+        digest = listed.get(entry.name)
+        if digest is not None and file_sha256(entry) == digest:
+            continue
+        if marker is None and f"]({FILES_DIR}/{entry.name})" in linked:
+            continue
+        return entry.name
+    return None
+
+
+def check_report_outputs(out_dir: Path, inputs) -> None:
+    """Refuse to write the page into ``out_dir`` where it would replace what is not the report's own.
+
+    Refused, with one line naming the path: ``out_dir`` (or its ``report_files/``) being one of the inputs
+    (``--images``, ``--labels``); a ``dqtool experiment`` folder (its ``report.md`` is the study's own);
+    an existing ``report.html`` or ``report.md`` that is not a page of ``dqtool report``, or a folder of that
+    name; a ``report_files`` that is a file, or a folder holding anything but the report's pictures
+    (:func:`_foreign_file`: the folder is replaced whole).
+    """
+    from dqtool.common.errors import InputError
+    from dqtool.common.outputs import folder_marker, is_report_page
+
+    for item in inputs:
+        if item is None:
+            continue
+        for path in (out_dir, out_dir / FILES_DIR):
+            if _same(path, Path(item)):
+                raise InputError(f"{path}: is also an input of `dqtool report`; give --out another folder")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file; `dqtool report` writes its page into a folder: give --out DIR")
+    marker = folder_marker(out_dir)
+    if marker is not None and marker.get("command") == "experiment":
+        raise InputError(f"{out_dir}: is a `dqtool experiment` folder, whose report.md is the study's own; "
+                         "`dqtool report` will not replace it: give --out DIR for the page")
+    for name in PAGES:
+        path = out_dir / name
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder; `dqtool report` writes its page here: move it away or give "
+                             "--out DIR")
+        if path.exists() and not is_report_page(path):
+            head = path.read_bytes()[:16] if path.is_file() else b""
+            whose = "is `dqtool experiment`'s study report" if head.startswith(b"# dqtool study") else \
+                "exists and was not written by `dqtool report`"
+            raise InputError(f"{path}: {whose}; dqtool will not overwrite it: move it away or give --out DIR")
+    files = out_dir / FILES_DIR
+    if files.exists() and not files.is_dir():
+        raise InputError(f"{files}: is a file; `dqtool report` writes its pictures into a folder of that name: "
+                         "move it away or give --out DIR")
+    foreign = _foreign_file(files) if files.is_dir() else None
+    if foreign is not None:
+        raise InputError(f"{files}: {foreign} was not written by `dqtool report` (or changed since); dqtool will "
+                         "not replace this folder: move the file away or give --out DIR")
+
+
 def write_report(run_dir: str | os.PathLike, images: str | os.PathLike | None = None,
                  labels: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                  n_images: int = 2, quiet: bool = False) -> ReportResult:
@@ -284,13 +380,51 @@ def write_report(run_dir: str | os.PathLike, images: str | os.PathLike | None = 
     ``images``: the target folder whose first ``n_images`` images get predicted outlines (default: the one
     the ranking recorded, if any); ``labels``: their labels (default: beside the images). ``out``: the
     folder for the page (default: ``run_dir``).
+
+    The page replaces only its own files (:func:`check_report_outputs`, before anything is read), with the
+    folder's lock (``.OUT.lock`` beside it) held for the whole call: one writer at a time, and none while
+    another dqtool command writes that folder whole. Each page is written through a temp file and a rename;
+    ``report_files/`` is built beside its old self (with dqtool's marker) and swapped in whole.
     """
     from dqtool.common.errors import InputError
+    from dqtool.common.files import temp_path
+    from dqtool.common.outputs import output_error, swap_folder, write_marker, writing
 
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError(f"{run_dir}: not a run folder (expected the folder `make demo` or your commands wrote)")
     out_dir = Path(out) if out is not None else run
+    if out_dir.name in ("", ".", ".."):  # `dqtool report .`: its lock goes beside the folder, by its name
+        out_dir = out_dir.resolve()
+    inputs = [images, labels]
+    check_report_outputs(out_dir, inputs)  # before the run is read, a folder made or a lock taken
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out_dir, exc) from exc
+    with writing(out_dir, "report", kind="folder", check=False):  # the folder's lock; faults are one line
+        check_report_outputs(out_dir, inputs)  # again: another writer may have finished meanwhile
+        title, sections, missing = _build(run, images, labels, n_images, quiet)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staged = temp_path(out_dir / FILES_DIR)
+        try:
+            staged.mkdir()
+            figures = {b.name: b.png for sec in sections for b in sec.blocks if isinstance(b, Figure)}
+            for name, png in figures.items():
+                (staged / name).write_bytes(png)
+            digests = {name: hashlib.sha256(png).hexdigest() for name, png in figures.items()}
+            write_marker(staged, "report", files=digests)
+            swap_folder(staged, out_dir / FILES_DIR)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged)
+        html_path = atomic_write_text(out_dir / "report.html", render_html(title, sections, missing))
+        md_path = atomic_write_text(out_dir / "report.md", render_markdown(title, sections, missing, FILES_DIR))
+    return ReportResult(html_path, md_path, sections, missing)
+
+
+def _build(run: Path, images, labels, n_images: int, quiet: bool) -> tuple[str, list[Section], list[str]]:
+    """The page's title, sections and missing parts (the run read; nothing written)."""
     data, data_rows = data_section(run)
     selection, subset_rows = selection_section(run)
     training, losses = training_section(run)
@@ -303,13 +437,4 @@ def write_report(run_dir: str | os.PathLike, images: str | os.PathLike | None = 
     sections = [summary_section(run, data_rows, subset_rows, losses, rankings), data, selection, training,
                 ranking, outlines]
     missing = [f"{sec.title}: {m}" for sec in sections for m in sec.missing]
-    title = f"dqtool report: {run.resolve().name}"
-    files_dir = "report_files"
-    (out_dir / files_dir).mkdir(parents=True, exist_ok=True)
-    for sec in sections:
-        for b in sec.blocks:
-            if isinstance(b, Figure):
-                atomic_write_bytes(out_dir / files_dir / b.name, b.png)
-    html_path = atomic_write_text(out_dir / "report.html", render_html(title, sections, missing))
-    md_path = atomic_write_text(out_dir / "report.md", render_markdown(title, sections, missing, files_dir))
-    return ReportResult(html_path, md_path, sections, missing)
+    return f"dqtool report: {run.resolve().name}", sections, missing

@@ -6,7 +6,8 @@ by hand. The package holds the state dict and a TorchScript trace, a test input 
 image from a seed, normalised and laid out as Cellpose's export does: ``z, c, y, x`` with 2 channels) and
 the network's outputs on it, and in ``config.dqtool`` the dqtool version, the model's diameters and, from
 the model's dqtool record (``MODEL.json``) when there is one, the training data: cache, subset, DQ rate.
-Requires the extra ``dqtool[bioimageio]``.
+Requires the extra ``dqtool[bioimageio]``. The output passes dqtool's output gate (:mod:`dqtool.common.outputs`):
+it replaces only a package dqtool wrote, one writer at a time, whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dqtool.common.errors import InputError, require_extra
-from dqtool.common.files import atomic_write, temp_path
+from dqtool.common.files import atomic_write, file_sha256, temp_path
 from dqtool.segmentation.model_files import CELLPOSE_NCHAN, load_state_dict, sidecar_paths, training_diameters
 
 #: Appended to a copy of Cellpose's ``resnet_torch.py`` (torch only) to make the package's architecture file:
@@ -218,31 +219,74 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, options: Expo
 
     With ``test``, the description first passes ``bioimageio.core``'s own model test (every weight
     format reproduces the test output); a failure raises and writes nothing.
+
+    ``out`` goes through :func:`dqtool.common.outputs.writing` before the model is read: refused when it is
+    the model, holds the model, or is a file or non-empty folder dqtool did not write (a zip is dqtool's when
+    its ``rdf.yaml`` has ``config.dqtool``; a folder when its marker names ``export-model`` and it holds only
+    the files that export wrote, unchanged: :func:`check_package_folder`); locked for the whole export. A zip
+    is written to a temp file and renamed into place; a folder is built beside ``out`` and swapped in whole.
     """
+    from dqtool.common.outputs import check_output, output_error, swap_folder, write_marker, writing
+
     out = Path(out)
-    if out.suffix.lower() != ".zip" and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty folder; choose a new folder or a .zip path")
-    with tempfile.TemporaryDirectory(prefix="dqtool-bioimageio-") as tmp:
+    if out.name in ("", ".", ".."):  # `--out .`: the folder by its name (its lock and swap go beside it)
+        out = out.resolve()
+    kind = "file" if out.suffix.lower() == ".zip" else "folder"
+    check_output(out, "export-model", [model], kind)  # before the model is read, a folder made or a lock taken
+    if kind == "folder":
+        check_package_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    with writing(out, "export-model", [model], kind=kind), \
+            tempfile.TemporaryDirectory(prefix="dqtool-bioimageio-") as tmp:
+        if kind == "folder":
+            check_package_folder(out)  # again, under the lock
         description = build_description(model, tmp, options)
         if test:
             check_package(description)
         from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".zip":
+        if kind == "file":
             with atomic_write(out, suffix=".zip") as target:
                 save_bioimageio_package(description, output_path=target)
         else:
-            staged = temp_path(out)  # a hidden sibling, renamed into place when whole
+            staged = temp_path(out)  # a hidden sibling, swapped in when whole
             try:
                 save_bioimageio_package_as_folder(description, output_path=staged)
-                if out.exists():
-                    out.rmdir()
-                os.replace(staged, out)
+                files = {p.relative_to(staged).as_posix(): file_sha256(p)
+                         for p in sorted(staged.rglob("*")) if p.is_file()}
+                write_marker(staged, "export-model", files=files)
+                swap_folder(staged, out)
             finally:
                 if staged.exists():
                     shutil.rmtree(staged)
     return out
+
+
+def check_package_folder(out: Path) -> None:
+    """Refuse to replace the folder ``out`` unless it is empty, or a package of ``dqtool export-model`` (its
+    marker says so) that holds only the files the export wrote, unchanged (the marker keeps their sha256):
+    the folder is replaced whole and must not take a lab's file, or a file edited since, with it."""
+    from dqtool.common.outputs import MARKER, folder_marker
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = folder_marker(out) or {}
+    if marker.get("command") != "export-model":
+        raise InputError(f"{out}: folder was written by `dqtool {marker.get('command')}`, not by `dqtool "
+                         "export-model`; dqtool will not replace it: choose a new folder or a .zip path")
+    listed = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if rel == MARKER or (path.is_dir() and not path.is_symlink()):
+            continue
+        digest = listed.get(rel)
+        if digest is None or not path.is_file() or file_sha256(path) != digest:
+            what = "was not written by `dqtool export-model`" if digest is None else "changed since the export"
+            raise InputError(f"{out}: {rel} {what}; dqtool will not replace this folder: move the file away, "
+                             "or choose a new folder or a .zip path")
 
 
 def check_package(source) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from dqtool.common.errors import InputError
 from dqtool.common.notices import known_notices_hidden
+from dqtool.common.outputs import writes_folder
 from dqtool.common.progress import progress
 from dqtool.data.io import read_image, relabel_consecutive, write_labels
 from dqtool.data.naming import list_input_images
@@ -87,13 +88,16 @@ def predict_arrays(model, images: Iterable[np.ndarray], options: PredictOptions 
         yield segment(model, image, options)
 
 
+@writes_folder("predict", out="out_dir", inputs=("model", "images"))  # refused, marked, locked
 def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
             options: PredictOptions = PredictOptions(), quiet: bool = False, level: int = 0,
-            tile: int = 1024, overlap: int = 128) -> list[Path]:
+            tile: int = 1024, overlap: int = 128, cluster=None) -> list[Path]:
     """``dqtool predict``: segment every image and write ``out_dir/<name>_cp_masks.tif``; returns the paths.
 
     OME-Zarr images (``images`` is one, or a folder of ``*.zarr``) are read at ``level`` and segmented tile
-    by tile into ``out_dir/<name>_cp_masks.ome.zarr`` (:mod:`dqtool.segmentation.tiled`).
+    by tile into ``out_dir/<name>_cp_masks.ome.zarr`` (:mod:`dqtool.segmentation.tiled`). ``out_dir`` is one
+    of dqtool's output folders (:func:`dqtool.common.outputs.writing_folder`: never the images' folder or a
+    lab's non-empty folder; one writer at a time).
     """
     from dqtool.data.ome_zarr import find_ome_zarr_images
 
@@ -110,13 +114,43 @@ def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
         return [predict_ome_zarr(run, p, out_dir, options.channels, level=level, tile=tile, overlap=overlap,
                                  quiet=quiet) for p in zarr_images]
     files = list_input_images(images)
-    net = load_model(model)
+    if cluster is not None and cluster.active:  # one image a Dask task; this process writes every mask
+        import functools
+
+        from dqtool.common.cluster import iter_tasks
+        from dqtool.segmentation.model_files import load_state_dict
+
+        load_state_dict(model)  # a bad model file is one error here, not one per task
+        # absolute paths: a worker on another machine does not share this process's working directory
+        masks_of = iter_tasks(functools.partial(predict_file, model=str(Path(model).absolute()), options=options),
+                              [Path(f).absolute() for f in files], cluster, kind="predict", desc="predict",
+                              quiet=quiet, unit="img")
+    else:
+        net = load_model(model)
+        masks_of = predict_arrays(net, (read_image(f) for f in files), options, total=len(files), quiet=quiet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path, masks in zip(files, predict_arrays(net, (read_image(f) for f in files), options,
-                                                 total=len(files), quiet=quiet)):
-        target = out_dir / mask_name(path)
-        write_labels(target, masks)
-        written.append(target)
+    try:
+        for path, masks in zip(files, masks_of):
+            target = out_dir / mask_name(path)
+            write_labels(target, masks)
+            written.append(target)
+    finally:
+        masks_of.close()  # ends the Dask tasks still in flight (on an error) and the cluster
     return written
+
+
+_WORKER_NET: dict = {}  # on a Dask worker: the last model loaded, by (path, size, mtime)
+
+
+def predict_file(path: str | os.PathLike, model: str, options: PredictOptions = PredictOptions()) -> np.ndarray:
+    """Masks of the image file ``path`` (a Dask task of ``predict --workers``; the worker reads the image and
+    loads the model once, the client writes the masks): what the serial loop computes for it."""
+    stat = os.stat(model)
+    key = (str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns)
+    net = _WORKER_NET.get(key)
+    if net is None:
+        _WORKER_NET.clear()
+        net = _WORKER_NET[key] = load_model(model)
+    return segment(net, read_image(path), options)

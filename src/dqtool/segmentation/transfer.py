@@ -51,7 +51,8 @@ class Stage:
     name: str
     model: Path
     train: TrainResult | None = None
-    scores: dict = field(default_factory=dict)  # domain -> {metric: value}
+    scores: dict = field(default_factory=dict)  # domain -> {metric: mean over test images}
+    stds: dict = field(default_factory=dict)  # domain -> {metric: std over test images (ddof 1)}
 
 
 @dataclass
@@ -86,7 +87,10 @@ def evaluate_model(model: str | os.PathLike, test_dir: str | os.PathLike, domain
 
 def _eval_key(model: Path, test_dir: str | os.PathLike, channels) -> str:
     root = Path(test_dir).resolve()
-    listing = sorted(p.name for p in root.rglob("*") if p.is_file())
+    if root.is_file():  # a split file (dqtool.data.datasets.write_split): its list of images is the identity
+        listing = [file_sha256(root)]
+    else:
+        listing = sorted(p.name for p in root.rglob("*") if p.is_file())
     blob = json.dumps([file_sha256(model)[:16], str(root), listing, list(channels)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -102,7 +106,10 @@ def score_stage(stage: Stage, evals: Mapping[str, str], out_dir: Path, channels,
         row = None
         if record.exists():
             old = json.loads(record.read_text())
-            row = old["summary"] if old.get("key") == key else None
+            # JSON keeps a NaN mean or std (one test image, no cell) as null: read it back as NaN, so a
+            # rerun writes the tables of the first run byte for byte
+            row = ({k: float("nan") if v is None else v for k, v in old["summary"].items()}
+                   if old.get("key") == key else None)
         if row is None:
             row = evaluate_model(stage.model, test_dir, domain, channels, quiet=quiet)
             write_json(record, {"key": key, "model": str(stage.model), "test_dir": str(test_dir), "summary": row})
@@ -111,6 +118,7 @@ def score_stage(stage: Stage, evals: Mapping[str, str], out_dir: Path, channels,
             raise InputError(f"metric {missing[0]!r} is not in the evaluation summary (have "
                              f"{', '.join(k[:-5] for k in row if k.endswith('_mean'))})")
         stage.scores[domain] = {m: row[f"{m}_mean"] for m in metrics}
+        stage.stds[domain] = {m: row.get(f"{m}_std", float("nan")) for m in metrics}
     return stage.scores
 
 
@@ -228,8 +236,8 @@ def _one_writer(command: str):
 def _check_evals(evals: Mapping[str, str] | None) -> dict:
     evals = dict(evals or {})
     for name, folder in evals.items():
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"--eval {name}={folder}: no such folder")
+        if not (Path(folder).is_dir() or (Path(folder).is_file() and Path(folder).suffix == ".json")):
+            raise FileNotFoundError(f"--eval {name}={folder}: no such folder (or split file)")
     return evals
 
 

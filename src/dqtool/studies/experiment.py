@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from dqtool.common.cluster import SERIAL, Cluster, connect
 from dqtool.common.errors import InputError
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import atomic_write_text
-from dqtool.common.outputs import write_marker, writing
+from dqtool.common.outputs import kill_point, write_marker, writing
 from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
 from dqtool.selection.subsets import random_subset, subset_total
+from dqtool.studies.trainings import parse_resources, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
 QUICK = {
@@ -59,6 +61,18 @@ DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "targ
             "rates": [0.05, 0.1, 0.25, 0.5], "methods": ["dq", "random"], "embed_epochs": None,
             "replay_rates": [0.05], "replay_method": "dq", "sequences": []}
 
+#: Optional keys (absent = the step is not run), see :func:`check_config`:
+#: ``data_root`` (folder the domains' paths are relative to; itself relative to the config file),
+#: ``repeat_seeds`` and ``repeat_rates`` (the redundancy models at these rates again with these seeds),
+#: ``zero_shot_rates`` (DQ models at these rates also scored on every domain, Table IV),
+#: ``reverse`` (targets whose from-scratch model is finetuned on the source, Table V),
+#: ``joint`` (targets trained together with the source from scratch, Table V),
+#: ``replay_random_rates`` (random replay beside the DQ one, Table VIII), ``notes`` (free text).
+OPTIONAL = ("data_root", "repeat_seeds", "repeat_rates", "zero_shot_rates", "reverse", "joint",
+            "replay_random_rates", "notes", "metrics")
+
+METHODS = ("dq", "random", "kcenter")
+
 
 @dataclass(frozen=True)
 class ExperimentResult:
@@ -81,11 +95,12 @@ class ExperimentResult:
 
 
 _KEYS = {"data", "domains", "seed", "patch", "train", "source", "targets", "rates", "methods", "embed_epochs",
-         "replay_rates", "replay_method", "sequences", "metrics"}
+         "replay_rates", "replay_method", "sequences", *OPTIONAL}
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """Read and check a study config (JSON)."""
+def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict:
+    """Read and check a study config (JSON). A relative ``data_root`` in it is taken relative to the
+    config file's folder; ``data_root`` given here (``--data-root``) replaces it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config file")
@@ -93,6 +108,11 @@ def load_config(path: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except ValueError as exc:
         raise InputError(f"{path}: not a JSON config ({exc})") from exc
+    if isinstance(config, dict):
+        if data_root is not None:
+            config["data_root"] = str(Path(data_root).resolve())
+        elif config.get("data_root") is not None:
+            config["data_root"] = str((path.parent / config["data_root"]).resolve())
     return check_config(config, str(path))
 
 
@@ -112,27 +132,66 @@ def check_config(config: dict, where: str = "config") -> dict:
         if not 0 < float(r) <= 1:
             raise InputError(f"{where}: rate {r} is not in (0, 1]")
     for m in config["methods"]:
-        if m not in ("dq", "random"):
-            raise InputError(f"{where}: method {m!r}: expected 'dq' or 'random'")
+        if m not in METHODS:
+            raise InputError(f"{where}: method {m!r}: expected one of {', '.join(METHODS)}")
+    for key in ("repeat_rates", "zero_shot_rates", "replay_random_rates"):
+        for r in config.get(key, []):
+            if not 0 < float(r) <= 1:
+                raise InputError(f"{where}: {key}: rate {r} is not in (0, 1]")
+    for key in ("reverse", "joint"):
+        for d in config.get(key, []):
+            if d not in config["targets"]:
+                raise InputError(f"{where}: {key}: {d!r} is not one of the targets {config['targets']}")
     return config
 
 
 def _domains(config: dict, out: Path, quiet: bool) -> dict[str, dict[str, Path]]:
+    """{domain: {"train": folder or split file, "test": ...}}.
+
+    A domain is ``{"train": DIR, "test": DIR}`` (two folders), or ``{"root": DIR, "test": [image names]}``
+    (a fixed split by image of one folder: the named images are the test split, the others the train split;
+    ``"train": [names]`` may be given too, and ``"format"`` names the layout). A split is written as split
+    files in ``OUT/splits/`` (:func:`dqtool.data.datasets.write_split`); no image is copied.
+    """
     if config.get("data") == "synthetic":
         from dqtool.data.synthetic import generate
 
         root = generate(out / "data", seed=int(config["seed"]), quiet=quiet)
         names = [config["source"], *config["targets"]]
         return {d: {"train": root / d / "train", "test": root / d / "test"} for d in dict.fromkeys(names)}
+    base = Path(config.get("data_root") or ".")
     domains = {}
     for name, spec in config["domains"].items():
-        if not isinstance(spec, dict) or "train" not in spec or "test" not in spec:
-            raise InputError(f"domain {name!r}: expected {{'train': DIR, 'test': DIR}}")
-        domains[name] = {"train": Path(spec["train"]), "test": Path(spec["test"])}
+        if not isinstance(spec, dict) or "test" not in spec or ("train" not in spec and "root" not in spec):
+            raise InputError(f"domain {name!r}: expected {{'train': DIR, 'test': DIR}} or "
+                             "{'root': DIR, 'test': [image names]}")
+        if "root" in spec:
+            domains[name] = _split_domain(name, spec, base, out)
+        else:
+            domains[name] = {"train": base / spec["train"], "test": base / spec["test"]}
     for name in [config["source"], *config["targets"], *(d for s in config["sequences"] for d in s)]:
         if name not in domains:
             raise InputError(f"domain {name!r} is used but not defined in 'domains'")
     return domains
+
+
+def _split_domain(name: str, spec: dict, base: Path, out: Path) -> dict[str, Path]:
+    from dqtool.data.datasets import open_dataset, write_split
+
+    root = base / spec["root"]
+    fmt = spec.get("format")
+    every = [s.name for s in open_dataset(root, format=fmt, domain=name)]
+    test = [str(n) for n in spec["test"]]
+    if not isinstance(spec["test"], list) or not test:
+        raise InputError(f"domain {name!r}: 'test' must list the test images by name")
+    train = [str(n) for n in spec["train"]] if "train" in spec else [n for n in every if n not in set(test)]
+    both = sorted(set(train) & set(test))
+    if both:
+        raise InputError(f"domain {name!r}: image {both[0]!r} is in both the train and the test split")
+    folder = out / "splits"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"train": write_split(folder / f"{name}.train.json", root, train, format=fmt),
+            "test": write_split(folder / f"{name}.test.json", root, test, format=fmt)}
 
 
 def _caches(domains: dict, config: dict, out: Path, quiet: bool) -> dict[str, Path]:
@@ -148,7 +207,13 @@ def _caches(domains: dict, config: dict, out: Path, quiet: bool) -> dict[str, Pa
 
 
 def _scores_row(stage: Stage, metrics) -> dict:
-    return {f"{d} {m}": v for d, s in stage.scores.items() for m, v in s.items()}
+    """{"<domain> <metric>": mean, "<domain> <metric> std": std over test images} of a stage."""
+    row = {}
+    for d, s in stage.scores.items():
+        for m, v in s.items():
+            row[f"{d} {m}"] = v
+            row[f"{d} {m} std"] = stage.stds.get(d, {}).get(m, float("nan"))
+    return row
 
 
 def plot_rate_curve(rows: list[dict], path: Path, metric: str, full: float | None, domain: str) -> Path:
@@ -170,21 +235,32 @@ def plot_rate_curve(rows: list[dict], path: Path, metric: str, full: float | Non
 
 
 def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.PathLike, quick: bool = False,
-                   quiet: bool = False) -> ExperimentResult:
+                   quiet: bool = False, data_root: str | os.PathLike | None = None, cluster: Cluster | None = None,
+                   train_resources: str | dict | None = None) -> ExperimentResult:
     """Run the study (``quick``: the built-in :data:`QUICK` config); writes the tables, Fig. 1 and
-    ``report.md`` and returns them as an :class:`ExperimentResult`."""
+    ``report.md`` and returns them as an :class:`ExperimentResult`.
+
+    ``cluster`` (``--workers``/``--scheduler``): the redundancy models train (and are scored) as one Dask
+    task each, asking for ``train_resources`` (e.g. ``"GPU=1"``); the tables are the serial run's with
+    one torch thread (:mod:`dqtool.studies.trainings`)."""
     if quick:
         config = dict(QUICK)
     elif config is None:
         raise InputError("give a CONFIG file or --quick")
-    config = load_config(config) if not isinstance(config, dict) else check_config(config)
+    if isinstance(config, dict):
+        config = check_config({**config, **({"data_root": str(data_root)} if data_root is not None else {})})
+    else:
+        config = load_config(config, data_root=data_root)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    resources = parse_resources(train_resources)
     with writing(out, "experiment", kind="folder"):  # a study folder: refused if a lab's, locked, one-line faults
-        return _run_experiment(config, out, quiet)
+        with connect(cluster, quiet=quiet) as cluster:  # one client for every batch of trainings
+            return _run_experiment(config, out, quiet, cluster, resources)
 
 
-def _run_experiment(config: dict, out: Path, quiet: bool) -> ExperimentResult:
+def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SERIAL,
+                    resources: dict | None = None) -> ExperimentResult:
     record = out / "experiment.json"
     if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(config)):
         raise InputError(f"{out}: holds a study with a different config; choose another --out or delete it")
@@ -206,73 +282,200 @@ def _run_experiment(config: dict, out: Path, quiet: bool) -> ExperimentResult:
 
     with PatchCache(caches[source]) as c:
         n_source = len(c)
-    if "dq" in config["methods"]:
-        from dqtool.features.embed import embed_cache  # torch and the MAE, for DQ only
+    if any(m != "random" for m in config["methods"]):
+        from dqtool.features.embed import embed_cache  # torch and the MAE, for DQ and k-center only
 
         embed_cache(caches[source], epochs=config.get("embed_epochs"), seed=tconf.seed, quiet=quiet)
-    runs = [("all", 1.0)] + [(m, float(r)) for r in config["rates"] for m in config["methods"]]
-    rows, source_model = [], None
-    for method, rate in runs:
+    runs = [("all", 1.0, tconf.seed)] + [(m, float(r), tconf.seed) for r in config["rates"] for m in config["methods"]]
+    runs += [(m, float(r), int(k)) for k in config.get("repeat_seeds", []) for r in config.get("repeat_rates", [])
+             for m in config["methods"]]
+    rows, source_model, models = [], None, {}
+    jobs = []  # the redundancy models are independent: selected here, trained (and scored) as one batch
+    for method, rate, seed in runs:
+        indices = _selection(caches[source], n_source, method, rate, seed)
+        name = f"{source}_{method}_{rate:g}" + (f"_seed{seed}" if seed != tconf.seed else "")
+        model = out / "models" / "redundancy" / name
+        run_conf = tconf if seed == tconf.seed else TrainConfig(**{**tconf.to_dict(), "seed": seed})
+        jobs.append(_RedundancyJob(cache=str(caches[source]), indices=indices, model=model, config=run_conf,
+                                   provenance={"method": method, "rate": rate, "selection_seed": seed},
+                                   stage=name.removeprefix(f"{source}_"), evals={source: evals[source]},
+                                   eval_dir=out / "models" / "redundancy", metrics=metrics,
+                                   quiet=quiet or cluster.active))
+    for (method, rate, seed), job, (result, scores, stds) in zip(runs, jobs, _train_redundancy(jobs, cluster, quiet,
+                                                                                                 resources)):
+        rows.append({"domain": source, "method": method, "rate": rate, "seed": seed, "patches": int(job.indices.size),
+                     "trained_on": result.n_patches, **_with_std(scores[source], stds[source])})
+        models[(method, rate, seed)] = job.model
         if method == "all":
-            indices = np.arange(n_source)
-        elif method == "dq":
-            from dqtool.selection.quantize import select_subset  # numba and torch (the bins kernel), for DQ only
-
-            indices = select_subset(caches[source], rate, method="dq", seed=tconf.seed).index_array()
-        else:
-            indices = random_subset(n_source, subset_total(n_source, rate), tconf.seed)
-        images, labels, provenance = load_patches(caches[source], indices)
-        provenance.update(method=method, rate=rate)
-        model = out / "models" / "redundancy" / f"{source}_{method}_{rate:g}"
-        result = train_patches(list(images), list(labels), model, tconf, provenance=provenance, resume=True,
-                               quiet=quiet)
-        stage = Stage(name=f"{method}_{rate:g}", model=model, train=result)
-        score_stage(stage, {source: evals[source]}, out / "models" / "redundancy", tconf.channels, metrics, quiet)
-        rows.append({"domain": source, "method": method, "rate": rate, "patches": int(indices.size),
-                     "trained_on": result.n_patches, **stage.scores[source]})
-        if method == "all":
-            source_model = model
+            source_model = job.model
     tables["redundancy"] = rows
+    if config.get("repeat_seeds"):
+        tables["redundancy_seeds"] = _seed_spread(rows, metrics)
     _emit(out, tables, config)
+    metric = metrics[1] if len(metrics) > 1 else metrics[0]
     full = next(r for r in rows if r["method"] == "all")
-    plot_rate_curve(rows, out / "fig1_rate_curve.png", metrics[1] if len(metrics) > 1 else metrics[0],
-                    full[metrics[1] if len(metrics) > 1 else metrics[0]], source)
+    plot_rate_curve([r for r in rows if r["seed"] == tconf.seed], out / "fig1_rate_curve.png", metric,
+                    full[metric], source)
 
-    # 3. zero-shot
-    zero = Stage(name="zero_shot", model=source_model)
-    score_stage(zero, evals, out / "models" / "redundancy", tconf.channels, metrics, quiet)
-    tables["zero_shot"] = [{"model": f"{source} (all patches)", "test domain": d, **s} for d, s in zero.scores.items()]
+    # 3. zero-shot: the all-patches source model (and DQ models at zero_shot_rates) on every domain
+    zero_rows = []
+    for label, model in [(f"{source} (all patches)", source_model)] + [
+            (f"{source} (DQ {r:g})", models[("dq", float(r), tconf.seed)]) for r in config.get("zero_shot_rates", [])
+            if ("dq", float(r), tconf.seed) in models]:
+        zero = Stage(name="zero_shot" if model == source_model else f"zero_shot_{Path(model).name}", model=model)
+        score_stage(zero, evals, out / "models" / "redundancy", tconf.channels, metrics, quiet)
+        zero_rows += [{"model": label, "test domain": d, **_with_std(s, zero.stds[d])} for d, s in zero.scores.items()]
+    tables["zero_shot"] = zero_rows
     _emit(out, tables, config)
 
-    # 4-5. finetuning and replay: what happens to the source
+    # 4-5. finetuning, reverse finetuning, joint training and replay: what happens to the source
     transfer_rows = []
     for target in config["targets"]:
         pair = {source: evals[source], target: evals[target]}
         ft = finetune(source_model, caches[target], out / f"finetune_{target}", evals=pair, config=tconf,
                       resume=True, quiet=quiet)
         for stage in ft.stages:
-            transfer_rows.append({"target": target, "model": "source model" if stage.name == "init" else
-                                  "naive finetune", **_scores_row(stage, metrics)})
-        for rate in config["replay_rates"]:
-            rp = replay(source_model, caches[source], caches[target], out / f"replay_{target}_{rate:g}",
-                        source_rate=float(rate), source_method=config["replay_method"], evals=pair, config=tconf,
+            transfer_rows.append({"target": target, "model": f"{source} model" if stage.name == "init" else
+                                  f"naive finetune {source} -> {target}", **_scores_row(stage, metrics)})
+        if target in config.get("reverse", []):
+            scratch = _scratch_model(target, caches, out, tconf, quiet)
+            rv = finetune(scratch, caches[source], out / f"finetune_{target}_to_{source}", evals=pair, config=tconf,
+                          resume=True, quiet=quiet)
+            for stage in rv.stages:
+                transfer_rows.append({"target": target, "model": f"{target} model" if stage.name == "init" else
+                                      f"naive finetune {target} -> {source}", **_scores_row(stage, metrics)})
+        if target in config.get("joint", []):
+            stage = _joint_model(source, target, caches, out, tconf, quiet)
+            score_stage(stage, pair, out / "models" / "joint", tconf.channels, metrics, quiet)
+            transfer_rows.append({"target": target, "model": f"joint {source} + {target}",
+                                  **_scores_row(stage, metrics)})
+        replays = [(config["replay_method"], r) for r in config["replay_rates"]]
+        replays += [("random", r) for r in config.get("replay_random_rates", [])]
+        for method, rate in replays:
+            rp = replay(source_model, caches[source], caches[target], out / f"replay_{target}_{method}_{rate:g}"
+                        if method != config["replay_method"] else out / f"replay_{target}_{rate:g}",
+                        source_rate=float(rate), source_method=method, evals=pair, config=tconf,
                         resume=True, quiet=quiet)
-            transfer_rows.append({"target": target, "model": f"replay {config['replay_method']} {rate:g}",
+            transfer_rows.append({"target": target, "model": f"replay {method} {rate:g}",
                                   **_scores_row(rp.stages[-1], metrics)})
         tables["transfer"] = transfer_rows
         _emit(out, tables, config)
 
-    # 6. sequences
+    # 6. sequences: the first stage is the domain's from-scratch model (the source's is its all-patches model)
     seq_rows = []
     for k, path in enumerate(config["sequences"]):
-        res = sequence([caches[d] for d in path], out / f"sequence_{k}_{'-'.join(path)}", evals=evals, config=tconf,
-                       names=path, resume=True, quiet=quiet)
+        if config.get("data") == "synthetic":  # the quick study trains every stage (as it always has)
+            res = sequence([caches[d] for d in path], out / f"sequence_{k}_{'-'.join(path)}", evals=evals,
+                           config=tconf, names=path, resume=True, quiet=quiet)
+        else:
+            first = source_model if path[0] == source else _scratch_model(path[0], caches, out, tconf, quiet)
+            res = sequence([caches[d] for d in path[1:]], out / f"sequence_{k}_{'-'.join(path)}", init=first,
+                           evals=evals, config=tconf, names=path[1:], resume=True, quiet=quiet)
         for stage in res.stages:
-            seq_rows.append({"path": " -> ".join(path), "after": stage.name, **_scores_row(stage, metrics)})
+            seq_rows.append({"path": " -> ".join(path), "after": path[0] if stage.name == "init" else stage.name,
+                             **_scores_row(stage, metrics)})
         tables["sequences"] = seq_rows
         _emit(out, tables, config)
     _emit(out, tables, config)
-    return ExperimentResult(out=out, source_model=source_model, **tables)
+    return ExperimentResult(out=out, source_model=source_model, **{k: v for k, v in tables.items()
+                                                                  if k in ExperimentResult.__dataclass_fields__})
+
+
+@dataclass
+class _RedundancyJob:
+    """One redundancy model: trained on patches ``indices`` of the source cache, scored on the source test split."""
+
+    cache: str
+    indices: np.ndarray
+    model: Path
+    config: TrainConfig
+    provenance: dict  # method, rate, selection_seed (after the cache's own provenance)
+    stage: str
+    evals: dict
+    eval_dir: Path
+    metrics: tuple
+    quiet: bool = True
+
+
+def _train_redundancy_model(job: _RedundancyJob) -> tuple:
+    """Task: train one redundancy model and score it -> (TrainResult, scores, stds).
+
+    Reads the source cache (read only); writes only this model's files and its stage's evaluation
+    records (``eval_dir/evals/<stage>__<domain>.json``), so it is their one writer
+    (:mod:`dqtool.studies.trainings`); the tables are the client's.
+    """
+    images, labels, provenance = load_patches(job.cache, job.indices)
+    provenance.update(job.provenance)
+    result = train_patches(list(images), list(labels), job.model, job.config, provenance=provenance, resume=True,
+                           quiet=job.quiet)
+    kill_point("experiment:trained")  # tests (serial): a model written, its scores and the tables not yet
+    stage = Stage(name=job.stage, model=job.model, train=result)
+    score_stage(stage, job.evals, job.eval_dir, job.config.channels, job.metrics, job.quiet)
+    return result, stage.scores, stage.stds
+
+
+def _train_redundancy(jobs: list, cluster: Cluster, quiet: bool, resources: dict | None) -> list:
+    """Train and score the redundancy models: in order, or one Dask task each on ``cluster``."""
+    return train_models(_train_redundancy_model, jobs, cluster, desc="redundancy models", quiet=quiet,
+                        resources=resources)
+
+
+def _selection(cache: Path, n: int, method: str, rate: float, seed: int) -> np.ndarray:
+    """The source patches of one redundancy model: all, a DQ or k-center subset, or a random one."""
+    if method == "all":
+        return np.arange(n)
+    if method == "random":
+        return random_subset(n, subset_total(n, rate), seed)
+    from dqtool.selection.quantize import select_subset  # numba and torch (the bins kernel), for DQ only
+
+    return select_subset(cache, rate, method=method, seed=seed).index_array()
+
+
+def _with_std(scores: dict, stds: dict) -> dict:
+    """{metric: mean, "metric std": std} (means and stds over test images)."""
+    row = {}
+    for m, v in scores.items():
+        row[m] = v
+        row[f"{m} std"] = stds.get(m, float("nan"))
+    return row
+
+
+def _seed_spread(rows: list[dict], metrics) -> list[dict]:
+    """Mean and std over seeds of each (method, rate) trained with more than one seed."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["rate"]), []).append(r)
+    out = []
+    for (method, rate), group in groups.items():
+        if len(group) < 2:
+            continue
+        row = {"method": method, "rate": rate, "seeds": len(group)}
+        for m in metrics:
+            vals = np.array([g[m] for g in group], dtype=float)
+            row[f"{m} mean over seeds"] = float(np.mean(vals))
+            row[f"{m} std over seeds"] = float(np.std(vals, ddof=1))
+        out.append(row)
+    return out
+
+
+def _scratch_model(domain: str, caches: dict, out: Path, tconf: TrainConfig, quiet: bool) -> Path:
+    """A model trained from scratch on all of ``domain``'s patches (``OUT/models/scratch/<domain>_all``)."""
+    images, labels, provenance = load_patches(caches[domain])
+    provenance.update(method="all", rate=1.0)
+    model = out / "models" / "scratch" / f"{domain}_all"
+    train_patches(list(images), list(labels), model, tconf, provenance=provenance, resume=True, quiet=quiet)
+    return model
+
+
+def _joint_model(source: str, target: str, caches: dict, out: Path, tconf: TrainConfig, quiet: bool) -> Stage:
+    """Joint training (Table V): one model from scratch on all patches of both domains."""
+    s_img, s_lab, s_prov = load_patches(caches[source])
+    t_img, t_lab, t_prov = load_patches(caches[target])
+    model = out / "models" / "joint" / f"{source}+{target}"
+    result = train_patches(list(s_img) + list(t_img), list(s_lab) + list(t_lab), model, tconf,
+                           provenance={"source": s_prov, "target": t_prov, "cache": f"{source} + {target}"},
+                           resume=True, quiet=quiet)
+    return Stage(name=f"joint_{source}+{target}", model=model, train=result)
 
 
 def _emit(out: Path, tables: dict, config: dict) -> None:
@@ -280,14 +483,18 @@ def _emit(out: Path, tables: dict, config: dict) -> None:
     for name, rows in tables.items():
         if rows:
             write_table(rows, out / "tables" / name)
+            kill_point("experiment:table")  # tests: one table written, the others and the report not yet
     _report(out, tables, config)
 
 
 def _report(out: Path, tables: dict, config: dict) -> Path:
-    parts = ["# dqtool study\n", f"Config: `{out / 'experiment.json'}`. Scores are means over test images.\n"]
+    parts = ["# dqtool study\n", f"Config: `{out / 'experiment.json'}`. Scores are means over test images; "
+             "'std' columns are their standard deviations over the same images.\n"]
     titles = {"redundancy": f"Redundancy on {config['source']} (Table I); plot: fig1_rate_curve.png",
+              "redundancy_seeds": "Redundancy: spread over seeds (mean and std of the per-seed test means)",
               "zero_shot": "Zero-shot (Table IV)",
-              "transfer": "Source model, naive finetuning and replay on each target (Tables V, VI, VIII)",
+              "transfer": "Source model, naive finetuning (both ways), joint training and replay on each target "
+                          "(Tables V, VI, VIII)",
               "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md"}
     for name, rows in tables.items():
         parts.append(f"\n## {titles.get(name, name)}\n\n" + format_markdown(rows))

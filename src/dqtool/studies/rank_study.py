@@ -29,16 +29,17 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from dqtool.common.cluster import Cluster, connect
 from dqtool.common.errors import InputError
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import atomic_write_bytes
-from dqtool.common.outputs import write_marker, writing
-from dqtool.common.progress import progress
+from dqtool.common.outputs import kill_point, write_marker, writing
 from dqtool.common.tables import write_json, write_table
 from dqtool.data.synthetic import DOMAINS, generate
 from dqtool.ranking.rank import rank_models
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.selection.subsets import random_subset, subset_total
+from dqtool.studies.trainings import parse_resources, train_models
 
 __all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "StudyBudget", "PRESETS", "RankStudyResult", "rank_study"]
 
@@ -115,29 +116,53 @@ def member_indices(n: int, member: BankMember, seed: int = 0) -> np.ndarray:
     return random_subset(n, total, seed)
 
 
+@dataclass(frozen=True)
+class _MemberJob:
+    """One bank member's training (a task of :func:`dqtool.studies.trainings.train_models`)."""
+
+    member: BankMember
+    model: str
+    cache: str
+    config: TrainConfig
+    seed: int
+    quiet: bool = True
+
+
+def _train_member(job: _MemberJob) -> str:
+    """Train one member on its domain's cache (read only) into its own model file (its one writer)."""
+    images, labels, provenance = load_patches(job.cache)
+    idx = member_indices(len(images), job.member, job.seed)
+    provenance = {**provenance, "rate": job.member.rate, "n_selected": int(len(idx))}
+    train_patches(images[idx], labels[idx], Path(job.model), job.config, provenance=provenance, resume=True,
+                  quiet=job.quiet)
+    return job.model
+
+
 def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nimg_per_epoch: int = 16,
-               seed: int = 0, quiet: bool = True) -> list[Path]:
-    """Train each member (skipped when its model file exists); returns the model paths."""
+               seed: int = 0, quiet: bool = True, cluster: Cluster | None = None,
+               resources: dict | None = None) -> list[Path]:
+    """Train each member (skipped when its model file exists); returns the model paths.
+
+    The members train independently: one task each on ``cluster`` (``--workers``/``--scheduler``; serially
+    without one), each asking for ``resources`` (e.g. {"GPU": 1}); this process builds the patch caches
+    first (the tasks only read them), :mod:`dqtool.studies.trainings`.
+    """
     from dqtool.data.cache_build import build_cache_from_folders  # h5py
 
     caches = out / "caches"
     models = out / "bank"
     caches.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for member in progress(members, total=len(members), desc="bank", quiet=quiet, unit="model"):
-        model = models / f"{member.name}.pth"
-        paths.append(model)
-        if model.exists():
-            continue
-        cache = caches / f"{member.domain}.h5"
-        build_cache_from_folders([data / member.domain], cache, domains=[member.domain], split="train", quiet=True)
-        images, labels, provenance = load_patches(cache)
-        idx = member_indices(len(images), member, seed)
-        provenance = {**provenance, "rate": member.rate, "n_selected": int(len(idx))}
-        config = TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
-                             nimg_per_epoch=nimg_per_epoch, seed=seed)
-        train_patches(images[idx], labels[idx], model, config, provenance=provenance, resume=True, quiet=quiet)
+    paths = [models / f"{member.name}.pth" for member in members]
+    todo = [(member, model) for member, model in zip(members, paths) if not model.exists()]
+    for domain in dict.fromkeys(member.domain for member, _ in todo):
+        build_cache_from_folders([data / domain], caches / f"{domain}.h5", domains=[domain], split="train", quiet=True)
+    distributed = cluster is not None and cluster.active
+    jobs = [_MemberJob(member, str(model), str(caches / f"{member.domain}.h5"),
+                       TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
+                                   nimg_per_epoch=nimg_per_epoch, seed=seed), seed, quiet=quiet or distributed)
+            for member, model in todo]
+    train_models(_train_member, jobs, cluster, desc="bank", quiet=quiet, serial_bar=True, resources=resources)
     return paths
 
 
@@ -184,12 +209,20 @@ def plot_study(rows: list[dict], perturbations, path: Path) -> Path:
 def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False, members=None,
                perturbations=("dropout", "noise"), bsize: int | None = None, nimg_per_epoch: int | None = None,
                seed: int = 0, n_train: int | None = None, n_test: int | None = None, size: int | None = None,
-               quiet: bool = True) -> RankStudyResult:
+               quiet: bool = True, dropout_site: str | None = None, dropout_draw: str | None = None,
+               empty: str | None = None, cluster: Cluster | None = None,
+               train_resources: str | dict | None = None) -> RankStudyResult:
     """Build the bank, rank it on ``target``/test with each perturbation, correlate with F1.
 
     The budget is ``PRESETS["quick" if quick else "default"]``; ``members``, ``bsize``,
     ``nimg_per_epoch``, ``n_train``, ``n_test`` and ``size`` given here replace the preset's. Writes
     ``study.{csv,md,json}``, ``study_correlations.*``, ``study_summary.json`` and ``study.png`` in ``out``.
+    ``dropout_site``, ``dropout_draw`` and ``empty`` go to every ranking (None: rank_models' defaults;
+    each ranking's rank.json records them); the bank is reused when its model files exist.
+
+    ``cluster`` (``--workers``/``--scheduler``): the bank's trainings run as one Dask task per model (each
+    asking for ``train_resources``, e.g. ``"GPU=1"``) and the rankings as (model, image) tasks, on one
+    client; the files are those of a serial run with one torch thread (:mod:`dqtool.studies.trainings`).
     """
     overrides = {"members": members, "bsize": bsize, "nimg_per_epoch": nimg_per_epoch, "n_train": n_train,
                  "n_test": n_test, "size": size}
@@ -202,14 +235,22 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False
     with writing(out, "rank-study", kind="folder"):  # a study folder: refused if a lab's, locked, one-line faults
         out.mkdir(exist_ok=True)
         write_marker(out, "rank-study")
-        return _rank_study(out, target, budget, perturbations, seed, quiet)
+        options = {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw),
+                                     ("empty", empty)) if v is not None}
+        resources = parse_resources(train_resources)
+        with connect(cluster, quiet=quiet) as cluster:  # one client for the trainings and the rankings
+            return _rank_study(out, target, budget, perturbations, seed, quiet, options, cluster, resources)
 
 
-def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet: bool) -> RankStudyResult:
+def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet: bool,
+                options: dict | None = None, cluster: Cluster | None = None,
+                resources: dict | None = None) -> RankStudyResult:
     data = generate(out / "data", seed=seed, n_train=budget.n_train, n_test=budget.n_test, size=budget.size,
                     quiet=quiet)
+    bank_options = {"cluster": cluster, "resources": resources} if cluster is not None and cluster.active else {}
     build_bank(data, out, budget.members, bsize=budget.bsize, nimg_per_epoch=budget.nimg_per_epoch, seed=seed,
-               quiet=quiet)
+               quiet=quiet, **bank_options)
+    kill_point("rank-study:bank")  # tests: the bank trained, nothing ranked yet
     images = data / target / "test"
     target_images = out / "target" / "images"
     target_labels = out / "target" / "labels"
@@ -222,7 +263,9 @@ def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet:
     results = {}
     for pert in perturbations:
         results[pert] = rank_models(out / "bank", target_images, labels=target_labels, perturbation=pert,
-                                    out=out / f"rank_{pert}", seed=seed, quiet=quiet)
+                                    out=out / f"rank_{pert}", seed=seed, quiet=quiet, **(options or {}),
+                                    **({"cluster": cluster} if cluster is not None and cluster.active else {}))
+        kill_point("rank-study:ranked")  # tests: one ranking written, the study tables not yet
     by_model: dict[str, dict] = {}
     for pert, res in results.items():
         for m in res.ranked:
@@ -243,6 +286,7 @@ def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet:
         for c in res.correlations:  # every consistency score (the ranking uses res.score) against F1 and accuracy
             correlations.append({"perturbation": pert, **c})
     write_table(rows, out / "study")
+    kill_point("rank-study:tables")  # tests: one study table written, the others not yet
     write_table(correlations, out / "study_correlations")
     summary = RankStudyResult(target=target, members=[m.name for m in budget.members], rows=rows,
                               correlations=correlations, timing={p: r.timing for p, r in results.items()})

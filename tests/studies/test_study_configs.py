@@ -1,0 +1,73 @@
+"""The study configs in ``studies/`` run, in miniature, in CI: they cannot rot.
+
+A miniature keeps every key and step of a config (every selection method, repeats, zero-shot, reverse and
+joint training, replay, every sequence) but takes one or two images per split, big patches and two SGD steps,
+so it checks that the config parses, its splits name real images, and each step runs to its table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+
+
+def _data_root(config_path: Path, config: dict) -> Path:
+    root = (config_path.parent / config["data_root"]).resolve()
+    if not root.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{root}: the shared development data is not here")
+        pytest.skip(f"{root}: the shared development data is not here")
+    return root
+
+
+def miniature(config: dict, data_root: Path, n_train: int = 2) -> dict:
+    """``config`` with one test image and ``n_train`` train images per domain, 2 steps per model."""
+    from dqtool.data.datasets import open_dataset
+
+    mini = json.loads(json.dumps(config))
+    for name, spec in mini["domains"].items():
+        test = spec["test"][:1]
+        every = sorted(s.name for s in open_dataset(data_root / spec["root"], format=spec.get("format")))
+        spec["train"] = [n for n in every if n not in set(spec["test"])][:n_train]
+        spec["test"] = test
+    mini["data_root"] = str(data_root)
+    mini["patch"] = {"size": 224, "stride": 224}
+    mini["train"] = {**mini["train"], "n_epochs": 2, "bsize": 32, "batch_size": 4, "nimg_per_epoch": 4,
+                     "min_train_masks": 1, "save_every": 50}
+    mini["embed_epochs"] = 1
+    mini["rates"] = mini["rates"][-1:]
+    mini["repeat_seeds"] = mini.get("repeat_seeds", [])[:1]
+    mini["replay_rates"] = mini["replay_rates"][:1]
+    return mini
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_real_study_config_runs_in_miniature(tmp_path):
+    from dqtool.studies.experiment import load_config, run_experiment
+
+    path = STUDIES / "real.json"
+    raw = json.loads(path.read_text())
+    config = load_config(path)  # the config as committed parses, its data_root resolves
+    root = _data_root(path, raw)
+    assert Path(config["data_root"]) == root
+    mini = miniature(raw, root)
+    result = run_experiment(mini, tmp_path / "study", quiet=True)
+    tables = result.tables()
+    methods = {(r["method"], r["seed"]) for r in tables["redundancy"]}
+    assert {m for m, _ in methods} == {"all", *raw["methods"]}
+    assert any(seed != raw["seed"] for _, seed in methods)  # the repeats ran
+    assert {r["model"] for r in tables["zero_shot"]} >= {"cyto (all patches)", "cyto (DQ 0.3)"}
+    models = [r["model"] for r in tables["transfer"]]
+    assert "naive finetune histo -> cyto" in models and "joint cyto + histo" in models
+    assert "replay random 0.1" in models
+    assert {r["path"] for r in tables["sequences"]} == {" -> ".join(p) for p in raw["sequences"]}
+    # the splits name the images of the shared folders, nothing is copied
+    split = json.loads((tmp_path / "study" / "splits" / "cyto.test.json").read_text())
+    assert Path(split["root"]) == root / raw["domains"]["cyto"]["root"] and split["names"] == mini["domains"]["cyto"]["test"]
+    copied = [p for p in (tmp_path / "study").rglob("*") if p.suffix.lower() in (".tif", ".tiff", ".xml")]
+    assert not copied, copied

@@ -1,0 +1,106 @@
+"""The trainings of ``experiment`` and ``rank-study`` on Dask (issue 16): one model a task; the models, their
+evaluation records and every table are those of the serial run, byte for byte.
+
+Training on a CPU depends on torch's thread count in the last bits, so the serial reference runs with one
+torch thread, as every Dask task does (:mod:`dqtool.studies.trainings`), set here: the session's
+``one_torch_thread`` is not enough (in one long session, a study with DQ left torch on 2 threads). Both runs
+write ``study`` inside their own working directory, so the paths recorded in the files are equal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dqtool.common.errors import InputError
+from dqtool.data.io import write_image_png
+from dqtool_cli.main import cli
+from factories import disc_images
+
+TRAIN = {"n_epochs": 2, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """One tiny domain (train and test folders of disc images) and a study of three redundancy models."""
+    root = tmp_path_factory.mktemp("trainings")
+    for split, (n, seed) in {"train": (2, 1), "test": (2, 2)}.items():
+        folder = root / "small" / split
+        folder.mkdir(parents=True)
+        images, labels = disc_images(n_images=n, size=64, n_cells=6, radius=(4.0, 6.0), seed=seed)
+        for i, (im, lb) in enumerate(zip(images, labels)):
+            write_image_png(folder / f"{i:03d}_img.png", im)
+            write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+    config = {"domains": {"small": {"train": str(root / "small" / "train"), "test": str(root / "small")}},
+              "patch": {"size": 32, "stride": 32}, "source": "small", "targets": [], "rates": [0.25, 0.5],
+              "methods": ["random"], "sequences": [], "train": TRAIN}
+    path = root / "study.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _experiment(config: Path, cwd: Path, monkeypatch, *extra) -> dict[str, bytes]:
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(cli, ["--quiet", "experiment", str(config), "--out", "study", *extra])
+    assert result.exit_code == 0, result.output
+    study = cwd / "study"
+    kept = [*sorted((study / "tables").iterdir()), study / "report.md", study / "fig1_rate_curve.png",
+            *sorted((study / "models" / "redundancy" / "evals").iterdir())]
+    # the models and their losses (a model's sidecar JSON records its run time)
+    kept += [p for p in sorted((study / "models" / "redundancy").iterdir())
+             if p.is_file() and not p.name.endswith((".json", ".png", ".lock"))]
+    return {str(p.relative_to(study)): p.read_bytes() for p in kept}
+
+
+def test_experiment_on_two_workers_writes_the_serial_models_and_tables(config, dask_scheduler, tmp_path,
+                                                                       monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serial reference: one torch thread, as every training task
+    try:
+        serial = _experiment(config, tmp_path / "serial", monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    models = [k for k in serial if k.startswith("models/redundancy/small_") and not k.endswith(".csv")]
+    assert models == ["models/redundancy/small_all_1", "models/redundancy/small_random_0.25",
+                      "models/redundancy/small_random_0.5"]
+    assert _experiment(config, tmp_path / "dask", monkeypatch, "--scheduler", dask_scheduler) == serial
+
+
+def test_rank_study_bank_on_two_workers_is_the_serial_bank(dask_client, tmp_path, monkeypatch):
+    """The bank's trainings one task each (the ranking's tasks are tested in tests/ranking)."""
+    from dqtool.common.cluster import Cluster, connect
+    from dqtool.data.synthetic import generate
+    from dqtool.studies.rank_study import BankMember, build_bank
+
+    data = generate(tmp_path / "data", seed=0, n_train=1, n_test=1, size=96, quiet=True)
+    members = (BankMember("fluo", 1), BankMember("histo", 1), BankMember("fluo", 1, 0.5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serial reference: one torch thread, as every training task
+    try:
+        serial = build_bank(data, tmp_path / "serial", members, nimg_per_epoch=2, bsize=32)
+    finally:
+        torch.set_num_threads(before)
+    with connect(Cluster(scheduler=dask_client.scheduler.address), quiet=True) as cluster:
+        bank = build_bank(data, tmp_path / "dask", members, nimg_per_epoch=2, bsize=32, cluster=cluster)
+        with pytest.raises(InputError, match="no worker of the cluster offers"):  # never left waiting
+            build_bank(data, tmp_path / "gpu", members, nimg_per_epoch=2, bsize=32, cluster=cluster,
+                       resources={"GPU": 1})
+    assert [p.name for p in bank] == [p.name for p in serial] == [f"{m.name}.pth" for m in members]
+    assert [p.read_bytes() for p in bank] == [p.read_bytes() for p in serial]
+
+
+def test_train_resources_need_a_scheduler(tmp_path):
+    result = CliRunner().invoke(cli, ["rank-study", "--out", str(tmp_path / "s"), "--workers", "2",
+                                      "--train-resources", "GPU=1"])
+    assert result.exit_code == 2 and "--train-resources needs --scheduler" in result.output
+    result = CliRunner().invoke(cli, ["experiment", "--quick", "--out", str(tmp_path / "e"), "--train-resources",
+                                      "GPU"])
+    assert result.exit_code == 2 and "NAME=AMOUNT" in result.output
+    from dqtool.studies.trainings import parse_resources
+
+    assert parse_resources("GPU=1, MEM=4e9") == {"GPU": 1.0, "MEM": 4e9} and parse_resources(None) is None
