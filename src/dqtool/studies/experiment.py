@@ -332,18 +332,15 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     transfer_rows = []
     for target in config["targets"]:
         pair = {source: evals[source], target: evals[target]}
-        ft = finetune(source_model, caches[target], out / f"finetune_{target}", evals=pair, config=tconf,
-                      resume=True, quiet=quiet)
-        for stage in ft.stages:
-            transfer_rows.append({"target": target, "model": f"{source} model" if stage.name == "init" else
-                                  f"naive finetune {source} -> {target}", **_scores_row(stage, metrics)})
-        if target in config.get("reverse", []):
-            scratch = _scratch_model(target, caches, out, tconf, quiet)
-            rv = finetune(scratch, caches[source], out / f"finetune_{target}_to_{source}", evals=pair, config=tconf,
-                          resume=True, quiet=quiet)
-            for stage in rv.stages:
-                transfer_rows.append({"target": target, "model": f"{target} model" if stage.name == "init" else
-                                      f"naive finetune {target} -> {source}", **_scores_row(stage, metrics)})
+        directions = [(source_model, source, target, f"finetune_{target}")]
+        if target in config.get("reverse", []):  # Table V's other way: the target's scratch model onto the source
+            directions.append((_scratch_model(target, caches, out, tconf, quiet), target, source,
+                               f"finetune_{target}_to_{source}"))
+        for init, start, end, folder in directions:
+            ft = finetune(init, caches[end], out / folder, evals=pair, config=tconf, resume=True, quiet=quiet)
+            for stage in ft.stages:
+                transfer_rows.append({"target": target, "model": f"{start} model" if stage.name == "init" else
+                                      f"naive finetune {start} -> {end}", **_scores_row(stage, metrics)})
         if target in config.get("joint", []):
             stage = _joint_model(source, target, caches, out, tconf, quiet)
             score_stage(stage, pair, out / "models" / "joint", tconf.channels, metrics, quiet)
