@@ -33,9 +33,11 @@ class PerturbationList(click.ParamType):
 @click.command("rank")
 @click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--images", required=True, type=click.Path(exists=True),
-              help="Unlabelled target images (a folder of one bit depth, any sizes, or one file).")
-@click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Optional label folder: validates the ranking against F1 and mean accuracy.")
+              help="Unlabelled target images (a folder of one bit depth, any sizes, one file, or a split file "
+                   "naming images of a dataset folder).")
+@click.option("--labels", type=click.Path(exists=True), default=None,
+              help="Optional label folder (or a split file, e.g. the one given as --images): validates the "
+                   "ranking against F1 and mean accuracy.")
 @click.option("--perturb", "perturbations", type=PerturbationList(), default="dropout", show_default=True,
               help=f"One or a comma list of {', '.join(PERTURBATIONS)}; dropout: channel dropout at CPnet's "
                    "bottleneck, others perturb the normalised input. A list shares the network passes and "
@@ -82,11 +84,16 @@ def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, d
 
 
 @click.command("rank-study")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A real-data study config (e.g. studies/real_rank.json): its bank, trained on real sources, ranked "
+                   "on its labelled target. Without it: the embedded domains.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="With --config: the folder the config's roots are relative to (default: the config's data_root).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/rank_study", show_default=True,
               help="Folder for the data, the model bank, both rankings and the study tables.")
 @click.option("--target", type=LazyChoice("dqtool.data.synthetic:DOMAINS"), default="fluo", show_default=True,
               help="Embedded domain whose test images are ranked on (its labels validate the ranking).")
-@seed_option("Seed of data, subsets, training, perturbations.")
+@seed_option("Seed of data, subsets, training, perturbations (a --config gives its own).")
 @click.option("--quick", is_flag=True, help="6 models of 15-30 epochs of 8 patches instead of 8 of 15-60 epochs of 16 (CPU budget).")
 @click.option("--dropout-site", type=click.Choice(DROPOUT_SITES), default=None,
               help="As for rank (default: rank's): where dropout acts on CPnet's bottleneck.")
@@ -99,17 +106,37 @@ def rank_cmd(models_dir, images, labels, perturbations, strength, score, seed, d
 @train_resources_option
 @quiet_option
 @user_errors
-def rank_study_cmd(out, target, seed, quick, dropout_site, dropout_draw, empty, quiet, cluster, train_resources):
-    """Evidence: train a bank of graded models on the embedded domains and rank it on TARGET."""
+def rank_study_cmd(config, data_root, out, target, seed, quick, dropout_site, dropout_draw, empty, quiet, cluster,
+                   train_resources):
+    """Evidence: train a bank of graded models and rank it on a labelled target: the embedded domains'
+    TARGET, or the real data of a --config."""
     from dqtool.common.tables import format_markdown
-    from dqtool.studies.rank_study import rank_study
 
     options = {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw), ("empty", empty))
                if v is not None}  # unset: the library's defaults
     if cluster.active:  # the bank's trainings one task a model, the rankings one task a (model, image)
         options.update(cluster=cluster, train_resources=train_resources)
-    summary = rank_study(out, target=target, seed=seed, quick=quick, quiet=is_quiet(quiet), **options)
+    if config is not None:
+        from dqtool.studies.real_rank import rank_study_config
+
+        given = [f"--{name}" for name in ("target", "quick", "seed") if _given(name)]
+        if given:
+            raise click.UsageError(f"--config takes its target, bank and seed from the config file; drop "
+                                   f"{' and '.join(given)}")
+        summary = rank_study_config(config, out, data_root=data_root, quiet=is_quiet(quiet), **options)
+    else:
+        from dqtool.studies.rank_study import rank_study
+
+        if data_root is not None:
+            raise click.UsageError("--data-root goes with --config (the embedded domains are generated)")
+        summary = rank_study(out, target=target, seed=seed, quick=quick, quiet=is_quiet(quiet), **options)
     click.echo(format_markdown(summary.rows), nl=False)
     click.echo(format_markdown(summary.correlations), nl=False)
     click.echo(f"{out}/study.md, {out}/study_correlations.md, {out}/study.png")
 
+
+def _given(name: str) -> bool:
+    """The option ``name`` was given on the command line (not left at its default)."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)

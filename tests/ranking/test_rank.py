@@ -476,3 +476,26 @@ def test_rank_study_bank_subsets_round_halves_up_like_selection():
         assert member_indices(48, BankMember("fluo", 30, rate), seed=0).tolist() == old.tolist()
     with pytest.raises(InputError, match="selects no patch"):
         member_indices(20, BankMember("fluo", 30, 0.01))
+
+
+def test_a_split_file_names_the_target_images_and_their_labels(tmp_path):
+    """``--images`` and ``--labels`` take a split file (a study's fixed subset of a dataset folder): its images
+    in the split's order, read in place, each with the label file its layout's reader pairs it with."""
+    from dqtool.data.datasets import write_split
+
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lab = np.zeros((16, 16), np.uint16)
+    lab[2:8, 2:8] = 1
+    for n in "abc":
+        tifffile.imwrite(root / "images" / f"{n}.tif", np.zeros((16, 16), np.uint16))
+        write_labels(root / "labels" / f"{n}.png", lab)
+    split = write_split(tmp_path / "two.json", root, ["c", "a"])
+    files = R.target_files(split)
+    assert [f.name for f in files] == ["c.tif", "a.tif"] and all(f.parent.name == "images" for f in files)
+    truth, notes = R._read_truth(split, files, [np.zeros((16, 16))] * 2)
+    assert [t.max() for t in truth] == [1, 1] and not notes
+    assert [p.name for p in R._label_files(split, files)] == ["c.png", "a.png"]
+    with pytest.raises(InputError, match="a labels folder or a split file"):
+        R._read_truth(root / "images" / "a.tif", files, [np.zeros((16, 16))] * 2)

@@ -71,6 +71,70 @@ def test_experiment_on_two_workers_writes_the_serial_models_and_tables(config, d
     assert _experiment(config, tmp_path / "dask", monkeypatch, "--scheduler", dask_scheduler) == serial
 
 
+@pytest.fixture(scope="module")
+def transfer_config(tmp_path_factory):
+    """Two tiny domains and every transfer step: finetuning both ways, joint, a replay, two sequences (one
+    from the source model, one from the other domain's scratch model, which the reverse finetuning shares)."""
+    root = tmp_path_factory.mktemp("transfer")
+    domains = {}
+    for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 3)):
+        for split, (n, s) in {"train": (2, seed), "test": (1, seed + 1)}.items():
+            folder = root / name / split
+            folder.mkdir(parents=True)
+            images, labels = disc_images(n_images=n, size=64, n_cells=5, radius=radius, seed=s)
+            for i, (im, lb) in enumerate(zip(images, labels)):
+                write_image_png(folder / f"{i:03d}_img.png", im)
+                write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+        domains[name] = {"train": str(root / name / "train"), "test": str(root / name / "test")}
+    config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],
+              "rates": [0.5], "methods": ["random"], "reverse": ["big"], "joint": ["big"], "replay_method": "random",
+              "replay_rates": [0.5], "sequences": [["small", "big"], ["big", "small"]], "train": TRAIN}
+    path = root / "study.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _study_files(study: Path) -> dict[str, bytes]:
+    """Tables, report, and every model and evaluation record the transfer steps wrote (the records name a
+    given model by its absolute path: the run's folder is cut out of them)."""
+    kept = [*sorted((study / "tables").iterdir()), study / "report.md"]
+    for folder in sorted(study.iterdir()):
+        if folder.name.startswith(("finetune_", "replay_", "sequence_")) or folder.name == "models":
+            kept += [p for p in sorted(folder.rglob("*")) if p.is_file() and "redundancy" not in p.parts
+                     and (p.suffix not in (".json", ".png", ".lock", ".md") or p.parent.name == "evals")]
+    here = str(study.parent).encode()
+    return {str(p.relative_to(study)): p.read_bytes().replace(here, b"RUN") for p in kept}
+
+
+def test_experiment_transfer_steps_on_two_workers_write_the_serial_models_and_tables(transfer_config,
+                                                                                     dask_scheduler, tmp_path,
+                                                                                     monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serial reference: one torch thread, as every training task
+    try:
+        (tmp_path / "serial").mkdir()
+        monkeypatch.chdir(tmp_path / "serial")
+        result = CliRunner().invoke(cli, ["--quiet", "experiment", str(transfer_config), "--out", "study"])
+        assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(before)
+    serial = _study_files(tmp_path / "serial" / "study")
+    models = sorted(k for k in serial if "/evals/" not in k and not k.endswith(".csv") and k.count("/") >= 2)
+    assert models == ["finetune_big/models/01_finetune", "finetune_big_to_small/models/01_finetune",
+                      "models/joint/small+big", "models/scratch/big_all", "replay_big_0.5/models/01_replay_random_0.5", "sequence_0_small-big/models/01_big",
+                      "sequence_1_big-small/models/01_small"]
+    rows = json.loads((tmp_path / "serial" / "study" / "tables" / "transfer.json").read_text())
+    assert [r["model"] for r in rows] == ["small model", "naive finetune small -> big", "big model",
+                                          "naive finetune big -> small", "joint small + big",
+                                          "replay random 0.5"]
+    (tmp_path / "dask").mkdir()
+    monkeypatch.chdir(tmp_path / "dask")
+    result = CliRunner().invoke(cli, ["--quiet", "experiment", str(transfer_config), "--out", "study",
+                                      "--scheduler", dask_scheduler])
+    assert result.exit_code == 0, result.output
+    assert _study_files(tmp_path / "dask" / "study") == serial
+
+
 def test_rank_study_bank_on_two_workers_is_the_serial_bank(dask_client, tmp_path, monkeypatch):
     """The bank's trainings one task each (the ranking's tasks are tested in tests/ranking)."""
     from dqtool.common.cluster import Cluster, connect

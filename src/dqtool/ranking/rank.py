@@ -47,6 +47,7 @@ from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.model_files import builtin_models, discover_models
 
 __all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations",
+           "target_files",
            "EMPTY_RULES", "DEFAULT_EMPTY", "apply_empty_rule"]
 
 SCORES = ("adapted_rand", "nhd", "effective_invariance")
@@ -680,6 +681,10 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
+    ``images`` is an image file, a folder, or a split file naming images of a dataset folder
+    (:func:`target_files`); ``labels`` a label folder, or a split file whose reader pairs each image with
+    its label file (the same split file as ``images`` for a labelled split).
+
     Each :class:`RankResult` has its models best first, failed ones last with their error. With
     ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
     with ``labels``, validation.* into ``out``; several write them into ``out/<perturbation>/``, the
@@ -717,7 +722,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     if not model_files:
         detail = f"; skipped: {', '.join(Path(f).name + ' (' + r + ')' for f, r in skipped)}" if skipped else ""
         raise InputError(f"{models_dir}: no Cellpose model files found{detail}")
-    files = list_input_images(images)
+    files = target_files(images)
     targets = load_target_images(files)
     notes = [f"skipped {Path(f).name}: {r}" for f, r in skipped]
     truth = None
@@ -827,20 +832,52 @@ def _file_sha(path) -> str:
         return ""
 
 
-def _label_files(labels_dir, files: Sequence[Path]) -> list:
+def _is_split_file(path) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() == ".json"
+
+
+def target_files(images: str | os.PathLike) -> list[Path]:
+    """The target images: one image file, a folder's input images, or the images a split file names
+    (:func:`dqtool.data.datasets.write_split`: a fixed subset of a dataset folder, read in place)."""
+    if _is_split_file(images):
+        from dqtool.data.datasets import open_dataset  # the dataset readers (no cache builder)
+
+        return [Path(s.image_path) for s in open_dataset(images)]
+    return list_input_images(images)
+
+
+def _label_finder(labels):
+    """image file -> its label file (or None): by the naming rule in a labels folder, or as the dataset
+    reader of a split file pairs them (its labels must be label images; polygons are not read here)."""
+    if _is_split_file(labels):
+        from dqtool.data.datasets import open_dataset
+
+        samples = list(open_dataset(labels))
+        odd = next((s for s in samples if s.has_labels and s.label_kind != "mask"), None)
+        if odd is not None:
+            raise InputError(f"{labels}: its labels are {odd.label_kind} annotations ({odd.label_path}); rank "
+                             "validates against label images (instance maps)")
+        by_image = {Path(s.image_path).resolve(): s.label_path for s in samples}
+        return lambda image: by_image.get(Path(image).resolve())
+    if Path(labels).is_file():
+        raise InputError(f"{labels}: a file; expected a labels folder or a split file (.json)")
+    if not Path(labels).is_dir():
+        raise FileNotFoundError(f"{labels}: no such labels folder")
+    return LabelFolder(Path(labels)).find
+
+
+def _label_files(labels, files: Sequence[Path]) -> list:
     """Each image's label file (None without one), by the rule :func:`_read_truth` reads them with."""
-    folder = LabelFolder(Path(labels_dir))
-    return [folder.find(f) for f in files]
+    find = _label_finder(labels)
+    return [find(f) for f in files]
 
 
-def _read_truth(labels_dir, files: Sequence[Path], targets: Sequence[np.ndarray]):
-    root = Path(labels_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{labels_dir}: no such labels folder")
+def _read_truth(labels, files: Sequence[Path], targets: Sequence[np.ndarray]):
+    """The label map of each image (None without one) and notes; ``labels`` is a folder or a split file."""
     truth, missing, notes = [], [], []
-    folder = LabelFolder(root)
+    find = _label_finder(labels)
     for f, img in zip(files, targets):
-        p = folder.find(f)
+        p = find(f)
         if p is None:
             truth.append(None)
             missing.append(f.name)
@@ -850,7 +887,7 @@ def _read_truth(labels_dir, files: Sequence[Path], targets: Sequence[np.ndarray]
             raise InputError(f"{p}: label map shape {lab.shape} differs from its image {f.name} {img.shape[:2]}")
         truth.append(lab)
     if len(missing) == len(files):
-        raise InputError(f"{labels_dir}: no label file matches any image (looked for <name>_masks, _cp_masks, "
+        raise InputError(f"{labels}: no label file matches any image (looked for <name>_masks, _cp_masks, "
                          "_mask, _label(s), _gt or, in another folder, <name> itself; <name> without _img)")
     if missing:
         notes.append(f"labels missing for {len(missing)} of {len(files)} images ({', '.join(missing)}); "

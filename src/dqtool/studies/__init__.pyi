@@ -2,5 +2,6 @@
 
 from .experiment import run_experiment
 from .rank_study import rank_study
+from .real_rank import rank_study_config
 
-__all__ = ['run_experiment', 'rank_study']
+__all__ = ['run_experiment', 'rank_study', 'rank_study_config']

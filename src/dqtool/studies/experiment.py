@@ -13,8 +13,9 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 Tables go to ``OUT/tables/*.{csv,md,json}``, the Fig. 1 plot to ``OUT/fig1_rate_curve.png`` and a
 Markdown summary to ``OUT/report.md``, rewritten after every step; :func:`run_experiment` returns the tables
 as an :class:`ExperimentResult`. A killed study continues where it stopped when run again with the same
-config (each training resumes from its last checkpoint). ``QUICK`` is a built-in config for the embedded
-synthetic domains, sized for a 2-core CPU (27 min measured with nothing else running).
+config (each training resumes from its last checkpoint). With ``--workers``/``--scheduler`` the
+independent trainings run as Dask tasks (:func:`run_experiment`). ``QUICK`` is a built-in config for the
+embedded synthetic domains, sized for a 2-core CPU (27 min measured with nothing else running).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dqtool.common.tables import format_markdown, write_json, write_table
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
 from dqtool.selection.subsets import random_subset, subset_total
+from dqtool.studies.caches import patch_caches
 from dqtool.studies.trainings import parse_resources, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
@@ -194,18 +196,6 @@ def _split_domain(name: str, spec: dict, base: Path, out: Path) -> dict[str, Pat
             "test": write_split(folder / f"{name}.test.json", root, test, format=fmt)}
 
 
-def _caches(domains: dict, config: dict, out: Path, quiet: bool) -> dict[str, Path]:
-    from dqtool.data.cache_build import PatchOptions, build_cache
-    from dqtool.data.datasets import open_dataset
-
-    folder = out / "caches"
-    folder.mkdir(parents=True, exist_ok=True)
-    options = PatchOptions(size=int(config["patch"]["size"]), stride=int(config["patch"]["stride"]))
-    return {name: Path(build_cache(open_dataset(d["train"], domain=name), folder / f"{name}.h5", options,
-                                   quiet=quiet).path)
-            for name, d in domains.items()}
-
-
 def _scores_row(stage: Stage, metrics) -> dict:
     """{"<domain> <metric>": mean, "<domain> <metric> std": std over test images} of a stage."""
     row = {}
@@ -241,8 +231,10 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
     ``report.md`` and returns them as an :class:`ExperimentResult`.
 
     ``cluster`` (``--workers``/``--scheduler``): the redundancy models train (and are scored) as one Dask
-    task each, asking for ``train_resources`` (e.g. ``"GPU=1"``); the tables are the serial run's with
-    one torch thread (:mod:`dqtool.studies.trainings`)."""
+    task each, then steps 4-6 as one task per finetuning, joint model, replay and sequence (a non-source
+    domain's from-scratch model and every run that starts from it share one task), each asking for
+    ``train_resources`` (e.g. ``"GPU=1"``); the models and tables are the serial run's with one torch
+    thread (:mod:`dqtool.studies.trainings`)."""
     if quick:
         config = dict(QUICK)
     elif config is None:
@@ -272,7 +264,7 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     metrics = tuple(config.get("metrics", DEFAULT_METRICS))
     tconf = TrainConfig(**{"seed": int(config["seed"]), **config["train"]})
     domains = _domains(config, out, quiet)
-    caches = _caches(domains, config, out, quiet)
+    caches = patch_caches(domains, config, out, quiet)
     evals = {name: str(d["test"]) for name, d in domains.items()}
     source = config["source"]
     tables: dict[str, list[dict]] = {}
@@ -328,51 +320,38 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     tables["zero_shot"] = zero_rows
     _emit(out, tables, config)
 
-    # 4-5. finetuning, reverse finetuning, joint training and replay: what happens to the source
+    # 4-6. finetuning (both ways), joint training, replay and sequences: independent of each other once the
+    # source model exists, so one task each (a target's or a sequence's from-scratch start and what begins
+    # from it share one task); the tables are assembled here in the config's order
+    jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active)
+    done: dict = {}
+    for result in train_models(_transfer_task, jobs, cluster, desc="transfer studies", quiet=quiet,
+                               resources=resources):
+        done.update(result)
     transfer_rows = []
     for target in config["targets"]:
-        pair = {source: evals[source], target: evals[target]}
-        directions = [(source_model, source, target, f"finetune_{target}")]
+        ends = [(source, target, ("finetune", target))]
         if target in config.get("reverse", []):  # Table V's other way: the target's scratch model onto the source
-            directions.append((_scratch_model(target, caches, out, tconf, quiet), target, source,
-                               f"finetune_{target}_to_{source}"))
-        for init, start, end, folder in directions:
-            ft = finetune(init, caches[end], out / folder, evals=pair, config=tconf, resume=True, quiet=quiet)
-            for stage in ft.stages:
+            ends.append((target, source, ("reverse", target)))
+        for start, end, key in ends:
+            for stage in done[key].stages:
                 transfer_rows.append({"target": target, "model": f"{start} model" if stage.name == "init" else
                                       f"naive finetune {start} -> {end}", **_scores_row(stage, metrics)})
         if target in config.get("joint", []):
-            stage = _joint_model(source, target, caches, out, tconf, quiet)
-            score_stage(stage, pair, out / "models" / "joint", tconf.channels, metrics, quiet)
             transfer_rows.append({"target": target, "model": f"joint {source} + {target}",
-                                  **_scores_row(stage, metrics)})
-        replays = [(config["replay_method"], r) for r in config["replay_rates"]]
-        replays += [("random", r) for r in config.get("replay_random_rates", [])]
-        for method, rate in replays:
-            rp = replay(source_model, caches[source], caches[target], out / f"replay_{target}_{method}_{rate:g}"
-                        if method != config["replay_method"] else out / f"replay_{target}_{rate:g}",
-                        source_rate=float(rate), source_method=method, evals=pair, config=tconf,
-                        resume=True, quiet=quiet)
+                                  **_scores_row(done[("joint", target)], metrics)})
+        for method, rate in _replays(config):
             transfer_rows.append({"target": target, "model": f"replay {method} {rate:g}",
-                                  **_scores_row(rp.stages[-1], metrics)})
+                                  **_scores_row(done[("replay", target, method, rate)].stages[-1], metrics)})
+    if transfer_rows:
         tables["transfer"] = transfer_rows
-        _emit(out, tables, config)
-
-    # 6. sequences: the first stage is the domain's from-scratch model (the source's is its all-patches model)
     seq_rows = []
     for k, path in enumerate(config["sequences"]):
-        if config.get("data") == "synthetic":  # the quick study trains every stage (as it always has)
-            res = sequence([caches[d] for d in path], out / f"sequence_{k}_{'-'.join(path)}", evals=evals,
-                           config=tconf, names=path, resume=True, quiet=quiet)
-        else:
-            first = source_model if path[0] == source else _scratch_model(path[0], caches, out, tconf, quiet)
-            res = sequence([caches[d] for d in path[1:]], out / f"sequence_{k}_{'-'.join(path)}", init=first,
-                           evals=evals, config=tconf, names=path[1:], resume=True, quiet=quiet)
-        for stage in res.stages:
+        for stage in done[("sequence", k)].stages:
             seq_rows.append({"path": " -> ".join(path), "after": path[0] if stage.name == "init" else stage.name,
                              **_scores_row(stage, metrics)})
+    if seq_rows:
         tables["sequences"] = seq_rows
-        _emit(out, tables, config)
     _emit(out, tables, config)
     return ExperimentResult(out=out, source_model=source_model, **{k: v for k, v in tables.items()
                                                                   if k in ExperimentResult.__dataclass_fields__})
@@ -415,6 +394,96 @@ def _train_redundancy(jobs: list, cluster: Cluster, quiet: bool, resources: dict
     """Train and score the redundancy models: in order, or one Dask task each on ``cluster``."""
     return train_models(_train_redundancy_model, jobs, cluster, desc="redundancy models", quiet=quiet,
                         resources=resources)
+
+
+def _replays(config: dict) -> list[tuple[str, float]]:
+    """(method, rate) of every replay run on each target: the config's method, then random (Table VIII)."""
+    return ([(config["replay_method"], float(r)) for r in config["replay_rates"]]
+            + [("random", float(r)) for r in config.get("replay_random_rates", [])])
+
+
+@dataclass
+class _TransferJob:
+    """One task of steps 4-6: ``calls`` [(key, what, kwargs)] run in order in one process.
+
+    ``scratch`` (a domain): its from-scratch model is trained first and is the ``init`` of every call (a
+    reverse finetuning, a sequence that starts there), so that model has one writer. Each call writes only
+    its own study folder; ``what`` names :func:`finetune`, :func:`replay`, :func:`sequence` or ``joint``.
+    """
+
+    calls: list
+    scratch: str | None = None
+    caches: dict = field(default_factory=dict)
+    out: Path = Path(".")
+    config: TrainConfig | None = None
+    quiet: bool = True
+
+    @property
+    def trainings(self) -> int:
+        n = int(self.scratch is not None)
+        for _, what, kwargs in self.calls:
+            n += len(kwargs["caches"]) if what == "sequence" else 1
+        return n
+
+
+def _transfer_task(job: _TransferJob) -> dict:
+    """Task: run one :class:`_TransferJob` -> {key: TransferResult (or the scored joint Stage)}."""
+    init = None
+    if job.scratch is not None:
+        init = _scratch_model(job.scratch, job.caches, job.out, job.config, job.quiet)
+    results = {}
+    for key, what, kwargs in job.calls:
+        kwargs = {**({"init": init} if init is not None else {}), **kwargs}
+        if what == "joint":
+            stage = _joint_model(kwargs["source"], kwargs["target"], job.caches, job.out, job.config, job.quiet)
+            score_stage(stage, kwargs["evals"], job.out / "models" / "joint", job.config.channels,
+                        kwargs["metrics"], job.quiet)
+            results[key] = stage
+        else:
+            func = {"finetune": finetune, "replay": replay, "sequence": sequence}[what]
+            results[key] = func(config=job.config, resume=True, quiet=job.quiet, **kwargs)
+    return results
+
+
+def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: TrainConfig, source_model: Path,
+                   metrics: tuple, quiet: bool) -> list[_TransferJob]:
+    """The tasks of steps 4-6, the longest first (so that the last to start is a short one)."""
+    source = config["source"]
+    common = {"caches": caches, "out": out, "config": tconf, "quiet": quiet}
+    single: list[_TransferJob] = []
+    starts: dict[str, list] = {}  # a non-source domain -> the calls that start from its scratch model
+    for target in config["targets"]:
+        pair = {source: evals[source], target: evals[target]}
+        single.append(_TransferJob([(("finetune", target), "finetune", {
+            "init": source_model, "target": caches[target], "out_dir": out / f"finetune_{target}", "evals": pair})],
+            **common))
+        if target in config.get("reverse", []):
+            starts.setdefault(target, []).append((("reverse", target), "finetune", {
+                "target": caches[source], "out_dir": out / f"finetune_{target}_to_{source}", "evals": pair}))
+        if target in config.get("joint", []):
+            single.append(_TransferJob([(("joint", target), "joint", {
+                "source": source, "target": target, "evals": pair, "metrics": metrics})], **common))
+        for method, rate in _replays(config):
+            folder = (out / f"replay_{target}_{rate:g}" if method == config["replay_method"]
+                      else out / f"replay_{target}_{method}_{rate:g}")
+            single.append(_TransferJob([(("replay", target, method, rate), "replay", {
+                "init": source_model, "source": caches[source], "target": caches[target], "out_dir": folder,
+                "source_rate": rate, "source_method": method, "evals": pair})], **common))
+    for k, path in enumerate(config["sequences"]):
+        folder = out / f"sequence_{k}_{'-'.join(path)}"
+        if config.get("data") == "synthetic":  # the quick study trains every stage (as it always has)
+            single.append(_TransferJob([(("sequence", k), "sequence", {
+                "caches": [caches[d] for d in path], "out_dir": folder, "evals": evals, "names": path})], **common))
+            continue
+        call = (("sequence", k), "sequence", {"caches": [caches[d] for d in path[1:]], "out_dir": folder,
+                                              "evals": evals, "names": path[1:]})
+        if path[0] == source:  # the source's first stage is its all-patches model
+            call[2]["init"] = source_model
+            single.append(_TransferJob([call], **common))
+        else:
+            starts.setdefault(path[0], []).append(call)
+    jobs = single + [_TransferJob(calls, scratch=domain, **common) for domain, calls in starts.items()]
+    return sorted(jobs, key=lambda j: -j.trainings)  # stable: equal lengths keep the config's order
 
 
 def _selection(cache: Path, n: int, method: str, rate: float, seed: int) -> np.ndarray:

@@ -12,6 +12,10 @@ The budget comes from :data:`PRESETS`: ``"default"`` (the 8 models of :data:`DEF
 epoch, 6 target test images) or ``"quick"`` (the 6 models of :data:`QUICK_BANK`, 8 patches per epoch, 4 test
 images); ``dqtool rank-study [--quick]`` is ``rank_study(out, quick=...)``.
 
+The real-data study (:mod:`dqtool.studies.real_rank`, ``dqtool rank-study --config``) shares the parts after
+the data: the study folder (:func:`study_folder`), the bank's trainings (:func:`train_bank`) and the rankings
+with their tables, correlations and plot (:func:`rank_target`).
+
 A member's patches at ``rate`` < 1 are the random baseline of :mod:`dqtool.selection.subsets`:
 round(rate * N) patches, halves rounded up, drawn with ``default_rng(seed)``. (Until this was shared the
 bank rounded with Python's ``round`` and took at least one patch, so N = 5 at rate 0.5 gave 2 patches,
@@ -20,11 +24,14 @@ now 3; the presets' banks, 48 patches per domain at rates 0.25 and 0.1, draw the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 from scipy.stats import rankdata
@@ -41,7 +48,8 @@ from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.trainings import parse_resources, train_models
 
-__all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "StudyBudget", "PRESETS", "RankStudyResult", "rank_study"]
+__all__ = ["BankMember", "DEFAULT_BANK", "QUICK_BANK", "StudyBudget", "PRESETS", "RankStudyResult", "rank_study",
+           "train_bank", "rank_target", "study_folder", "rank_options"]
 
 
 @dataclass(frozen=True)
@@ -138,32 +146,44 @@ def _train_member(job: _MemberJob) -> str:
     return job.model
 
 
+def train_bank(models: Path, members, cache: Callable, config: Callable, seed: int = 0, quiet: bool = True,
+               cluster: Cluster | None = None, resources: dict | None = None) -> list[Path]:
+    """Train each member whose model ``models/<name>.pth`` does not exist yet; returns every member's model path.
+
+    ``cache(member)`` gives the member's patch cache and ``config(member)`` its :class:`TrainConfig`; both are
+    called here, in this process, for the members still to train, before any training starts (the tasks only
+    read the caches). A member trains on its cache's patches at its ``rate`` (:func:`member_indices`). The
+    members train independently: one task each on ``cluster`` (``--workers``/``--scheduler``; serially
+    without one), each asking for ``resources`` (e.g. {"GPU": 1}), :mod:`dqtool.studies.trainings`.
+    """
+    models.mkdir(parents=True, exist_ok=True)
+    paths = [models / f"{member.name}.pth" for member in members]
+    distributed = cluster is not None and cluster.active
+    jobs = [_MemberJob(member, str(model), str(cache(member)), config(member), seed, quiet=quiet or distributed)
+            for member, model in zip(members, paths) if not model.exists()]
+    train_models(_train_member, jobs, cluster, desc="bank", quiet=quiet, serial_bar=True, resources=resources)
+    return paths
+
+
 def build_bank(data: Path, out: Path, members=DEFAULT_BANK, bsize: int = 64, nimg_per_epoch: int = 16,
                seed: int = 0, quiet: bool = True, cluster: Cluster | None = None,
                resources: dict | None = None) -> list[Path]:
-    """Train each member (skipped when its model file exists); returns the model paths.
-
-    The members train independently: one task each on ``cluster`` (``--workers``/``--scheduler``; serially
-    without one), each asking for ``resources`` (e.g. {"GPU": 1}); this process builds the patch caches
-    first (the tasks only read them), :mod:`dqtool.studies.trainings`.
-    """
+    """The embedded domains' bank (:func:`train_bank`): one patch cache per training domain of the
+    generated data ``data`` (``out/caches/<domain>.h5``), models in ``out/bank``."""
     from dqtool.data.cache_build import build_cache_from_folders  # h5py
 
     caches = out / "caches"
-    models = out / "bank"
     caches.mkdir(parents=True, exist_ok=True)
-    models.mkdir(parents=True, exist_ok=True)
-    paths = [models / f"{member.name}.pth" for member in members]
-    todo = [(member, model) for member, model in zip(members, paths) if not model.exists()]
-    for domain in dict.fromkeys(member.domain for member, _ in todo):
+
+    @functools.cache
+    def cache(domain: str) -> Path:
         build_cache_from_folders([data / domain], caches / f"{domain}.h5", domains=[domain], split="train", quiet=True)
-    distributed = cluster is not None and cluster.active
-    jobs = [_MemberJob(member, str(model), str(caches / f"{member.domain}.h5"),
-                       TrainConfig(n_epochs=member.epochs, save_every=member.epochs, bsize=bsize,
-                                   nimg_per_epoch=nimg_per_epoch, seed=seed), seed, quiet=quiet or distributed)
-            for member, model in todo]
-    train_models(_train_member, jobs, cluster, desc="bank", quiet=quiet, serial_bar=True, resources=resources)
-    return paths
+        return caches / f"{domain}.h5"
+
+    return train_bank(out / "bank", members, lambda m: cache(m.domain),
+                      lambda m: TrainConfig(n_epochs=m.epochs, save_every=m.epochs, bsize=bsize,
+                                            nimg_per_epoch=nimg_per_epoch, seed=seed),
+                      seed, quiet=quiet, cluster=cluster, resources=resources)
 
 
 def _num(value) -> float:
@@ -231,15 +251,28 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False
     out = Path(out)
     if target not in DOMAINS:
         raise InputError(f"target {target!r}: expected one of the embedded domains {', '.join(DOMAINS)}")
+    options = rank_options(dropout_site, dropout_draw, empty)
+    with study_folder(out, quiet, cluster) as cluster:  # one client for the trainings and the rankings
+        return _rank_study(out, target, budget, perturbations, seed, quiet, options, cluster,
+                           parse_resources(train_resources))
+
+
+@contextlib.contextmanager
+def study_folder(out: Path, quiet: bool, cluster: Cluster | None = None, inputs=()) -> Iterator[Cluster]:
+    """``out`` opened as a rank-study folder (refused if a lab's or one of ``inputs``, locked, marked, one-line
+    faults) and the one cluster client its trainings and rankings share."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with writing(out, "rank-study", kind="folder"):  # a study folder: refused if a lab's, locked, one-line faults
+    with writing(out, "rank-study", inputs, kind="folder"):
         out.mkdir(exist_ok=True)
         write_marker(out, "rank-study")
-        options = {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw),
-                                     ("empty", empty)) if v is not None}
-        resources = parse_resources(train_resources)
-        with connect(cluster, quiet=quiet) as cluster:  # one client for the trainings and the rankings
-            return _rank_study(out, target, budget, perturbations, seed, quiet, options, cluster, resources)
+        with connect(cluster, quiet=quiet) as cluster:
+            yield cluster
+
+
+def rank_options(dropout_site: str | None, dropout_draw: str | None, empty: str | None) -> dict:
+    """The ranking options given (None: rank_models' defaults, recorded in each rank.json)."""
+    return {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw), ("empty", empty))
+            if v is not None}
 
 
 def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet: bool,
@@ -260,9 +293,23 @@ def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet:
         atomic_write_bytes(target_images / p.name, p.read_bytes())
         atomic_write_bytes(target_labels / p.name.replace("_img", "_masks"),
                            (images / p.name.replace("_img", "_masks")).read_bytes())
+    return rank_target(out, target_images, target_labels, target, [m.name for m in budget.members], perturbations,
+                       seed, quiet, options, cluster)
+
+
+def rank_target(out: Path, images: Path, labels: Path, target: str, members: list[str], perturbations, seed: int,
+                quiet: bool, options: dict | None = None, cluster: Cluster | None = None) -> RankStudyResult:
+    """Rank the bank ``out/bank`` on ``images`` once per perturbation (``out/rank_<perturbation>``), validated
+    with ``labels`` (a folder, or a split file as ``images`` may be too), and write the study's tables.
+
+    Per model: F1 at IoU 0.5, mean accuracy over 0.5:0.95 and, per perturbation, its rank and median scores
+    (``study.*``, best F1 first, ``f1_rank`` with ties sharing the best rank); per perturbation and
+    consistency score: Pearson, Spearman and Kendall against F1 and accuracy with permutation p-values
+    (``study_correlations.*``); ``study_summary.json``; and the panel plot ``study.png`` (:func:`plot_study`).
+    """
     results = {}
     for pert in perturbations:
-        results[pert] = rank_models(out / "bank", target_images, labels=target_labels, perturbation=pert,
+        results[pert] = rank_models(out / "bank", images, labels=labels, perturbation=pert,
                                     out=out / f"rank_{pert}", seed=seed, quiet=quiet, **(options or {}),
                                     **({"cluster": cluster} if cluster is not None and cluster.active else {}))
         kill_point("rank-study:ranked")  # tests: one ranking written, the study tables not yet
@@ -288,8 +335,8 @@ def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet:
     write_table(rows, out / "study")
     kill_point("rank-study:tables")  # tests: one study table written, the others not yet
     write_table(correlations, out / "study_correlations")
-    summary = RankStudyResult(target=target, members=[m.name for m in budget.members], rows=rows,
-                              correlations=correlations, timing={p: r.timing for p, r in results.items()})
+    summary = RankStudyResult(target=target, members=list(members), rows=rows, correlations=correlations,
+                              timing={p: r.timing for p, r in results.items()})
     write_json(out / "study_summary.json", summary.to_dict())
     plot_study(rows, list(perturbations), out / "study.png")
     return summary

@@ -1,0 +1,202 @@
+"""``studies/real_rank.json`` runs, in miniature, in CI: the real-data ranking config cannot rot.
+
+The miniature keeps every bank member but trains each on one image for two SGD steps (big patches, small
+crops) and ranks on one target image, seen at a quarter of its side (one network tile), with the config's
+first perturbation (the others share its code path; their names are checked when the config parses). So it
+checks that the config parses, its names are images of the shared folders, every member trains and is
+ranked, and the study's tables, correlations and plot are written, with no image copied into the study folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dqtool.common.errors import InputError
+
+from test_study_configs import STUDIES, _data_root  # the shared data's location, skip/fail rule
+
+CONFIG = STUDIES / "real_rank.json"
+
+
+def miniature(config: dict, data_root: Path, n_train: int = 1, n_target: int = 1) -> dict:
+    """``config`` with ``n_target`` target images, ``n_train`` train images per member, 2 steps per model."""
+    from dqtool.data.datasets import open_dataset
+
+    mini = json.loads(json.dumps(config))
+    mini["data_root"] = str(data_root)
+    mini["target"]["images"] = config["target"]["images"][:n_target]
+    for member in mini["bank"]:
+        every = [s.name for s in open_dataset(data_root / member["root"], format=member.get("format"))]
+        exclude = member.get("exclude", [])
+        excluded = set(config["target"]["images"] if exclude == "target" else exclude)
+        member["train"] = [n for n in member.get("train", every) if n not in excluded][:n_train]
+        member.pop("exclude", None)
+        member["steps"] = 2
+        if "rate" in member:  # a 1 % subset of one image's patches is empty
+            member["rate"] = 0.5
+    mini["patch"] = {"size": 224, "stride": 224}
+    mini["diameter"] = 120  # the models (diameter 30) see the target at a quarter of its side: one network tile
+    mini["perturbations"] = config["perturbations"][:1]
+    mini["train"] = {**mini["train"], "bsize": 32, "batch_size": 4, "nimg_per_epoch": 4, "min_train_masks": 1,
+                     "save_every": 50}
+    return mini
+
+
+def is_fluorescence(sample) -> bool:
+    """The config's rule: stored grey (R = G = B) and nuclei brighter than the background."""
+    from dqtool.data.io import to_gray
+
+    image, labels = sample.image, sample.labels
+    grey = image.ndim == 2 or all(np.array_equal(image[..., 0], image[..., c]) for c in (1, 2))
+    gray = to_gray(image).astype(np.float64)
+    return grey and gray[labels > 0].mean() > gray[labels == 0].mean()
+
+
+def test_real_rank_config_parses_and_keeps_the_target_out_of_the_bank():
+    from dqtool.data.datasets import open_dataset
+    from dqtool.studies.real_rank import config_members, load_rank_config
+
+    raw = json.loads(CONFIG.read_text())
+    config = load_rank_config(CONFIG)
+    root = _data_root(CONFIG, raw)
+    assert Path(config["data_root"]) == root
+    members = config_members(config)
+    assert len(members) >= 8 and {m.steps for m in members} >= {30, 100} and any(m.rate < 1 for m in members)
+    cyto = json.loads((STUDIES / "real.json").read_text())["domains"]["cyto"]["test"]
+    assert config["target"]["images"] in (cyto, cyto[::2])  # the BBBC039 test split of the experiment
+    same_root = [m for m in members if m.root == config["target"]["root"]]
+    assert same_root and all(m.exclude == "target" for m in same_root)
+    # the DSB members train on fluorescence images only, by the rule the config's notes state
+    for m in members:
+        if "dsb" in m.name:
+            samples = open_dataset(root / m.root, format=m.format)
+            chosen = [s for s in samples if m.train is None or s.name in m.train]
+            assert all(is_fluorescence(s) for s in chosen), m.name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_real_rank_config_runs_in_miniature(tmp_path):
+    from dqtool.studies.real_rank import rank_study_config
+
+    raw = json.loads(CONFIG.read_text())
+    root = _data_root(CONFIG, raw)
+    mini = miniature(raw, root)
+    out = tmp_path / "study"
+    t0 = time.perf_counter()
+    summary = rank_study_config(mini, out, quiet=True)
+    seconds = time.perf_counter() - t0
+    names = [m["name"] for m in raw["bank"]]
+    assert summary.members == names and summary.target == raw["target"]["name"]
+    assert {r["model"] for r in summary.rows} == set(names)  # every member trained and ranked
+    for pert in mini["perturbations"]:
+        assert all(r.get(f"{pert}_rank") is not None for r in summary.rows), pert
+        assert (out / f"rank_{pert}" / "rank.json").exists()
+    assert {c["perturbation"] for c in summary.correlations} == set(mini["perturbations"])
+    for name in ("study.csv", "study.md", "study.json", "study_correlations.csv", "study_correlations.md",
+                 "study_summary.json", "study.png", "bank.json"):
+        assert (out / name).exists(), name
+    # the target is a split of the shared folder, nothing is copied
+    split = json.loads((out / "splits" / "target.json").read_text())
+    assert Path(split["root"]) == root / raw["target"]["root"] and split["names"] == mini["target"]["images"]
+    plots = {"study.png", "ranking.png"}
+    copied = [p for p in out.rglob("*") if p.suffix.lower() in (".tif", ".tiff", ".png", ".xml", ".jpg")
+              and p.name not in plots and not p.name.endswith("_loss.png")]
+    assert not copied, copied
+    # a member whose recorded settings differ is refused, not reused (before any training or ranking)
+    changed = json.loads(json.dumps(mini))
+    changed["bank"][0]["steps"] = 3
+    with pytest.raises(InputError, match="steps"):
+        rank_study_config(changed, out, quiet=True)
+    print(f"miniature: {seconds:.1f} s")
+
+
+def _tiny_set(root: Path, names=("a", "b", "c")) -> Path:
+    """A labelled generic-layout folder of small images (images/<name>.tif, labels/<name>.png)."""
+    import tifffile
+
+    from dqtool.data.io import write_labels
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lab = np.zeros((32, 32), np.uint16)
+    lab[4:12, 4:12] = 1
+    for n in names:
+        tifffile.imwrite(root / "images" / f"{n}.tif", (lab * 200 + 10).astype(np.uint16))
+        write_labels(root / "labels" / f"{n}.png", lab)
+    return root
+
+
+def _tiny_config(tmp_path: Path, **member) -> dict:
+    _tiny_set(tmp_path / "data" / "set")
+    return {"data_root": str(tmp_path / "data"), "target": {"name": "t", "root": "set", "images": ["a"]},
+            "bank": [{"name": "m", "root": "set", "steps": 2, **member}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bank": []}, "'bank' must list"),
+    ({"epochs": 3}, "unknown keys epochs"),
+    ({"train": {"n_epochs": 5}}, "each bank member gives its own 'steps'"),
+    ({"perturbations": ["dropout", "blur!"]}, "blur"),
+    ({"diameter": -1}, "diameter"),
+    ({"target": {"name": "t", "root": "set"}}, "'target' must be"),
+])
+def test_a_wrong_config_is_refused_with_what_is_wrong(tmp_path, change, message):
+    from dqtool.studies.real_rank import check_rank_config
+
+    with pytest.raises(InputError, match=message):
+        check_rank_config({**_tiny_config(tmp_path), **change})
+
+
+@pytest.mark.parametrize("member, message", [
+    ({"steps": 0}, "steps 0"), ({"rate": 1.5}, "rate 1.5"), ({"train": ["b"], "exclude": ["c"]}, "not both"),
+    ({"name": "a/b"}, "a file name"), ({"root": "set", "typo": 1}, "unknown keys typo"),
+])
+def test_a_wrong_bank_member_is_refused_with_its_name(tmp_path, member, message):
+    from dqtool.studies.real_rank import check_rank_config
+
+    with pytest.raises(InputError, match=message):
+        check_rank_config(_tiny_config(tmp_path, **member))
+
+
+@pytest.mark.parametrize("member, message", [
+    ({}, "would train on the target image 'a'"),  # every image of the target's folder, the target's too
+    ({"train": ["a", "b"]}, "would train on the target image 'a'"),
+    ({"exclude": ["z"]}, "excludes 'z', which is not an image"),
+    ({"train": ["z"]}, "no image named 'z'"),
+])
+def test_no_bank_member_trains_on_the_target(tmp_path, member, message):
+    from dqtool.studies.real_rank import rank_study_config
+
+    with pytest.raises(InputError, match=message):
+        rank_study_config(_tiny_config(tmp_path, **member), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("bank/*.pth"))  # refused before any training
+
+
+def test_cli_rank_study_config_parses_and_calls_the_library(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dqtool.studies import real_rank
+    from dqtool.studies.rank_study import RankStudyResult
+    from dqtool_cli.main import cli
+
+    seen = []
+    monkeypatch.setattr(real_rank, "rank_study_config", lambda config, out, **kw: seen.append((config, out, kw)) or
+                        RankStudyResult(target="t", members=[], rows=[], correlations=[], timing={}))
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    out = str(tmp_path / "s")
+    res = CliRunner().invoke(cli, ["rank-study", "--config", str(config), "--data-root", str(tmp_path), "--out", out,
+                                   "--quiet", "--empty", "skip"])
+    assert res.exit_code == 0, res.output
+    assert seen == [(str(config), out, {"data_root": str(tmp_path), "quiet": True, "empty": "skip"})]
+    for extra in (["--target", "histo"], ["--quick"], ["--seed", "3"]):
+        res = CliRunner().invoke(cli, ["rank-study", "--config", str(config), "--out", out, *extra])
+        assert res.exit_code == 2 and f"drop {extra[0]}" in res.output, res.output
+    res = CliRunner().invoke(cli, ["rank-study", "--data-root", str(tmp_path), "--out", out])
+    assert res.exit_code == 2 and "--data-root goes with --config" in res.output
+    assert len(seen) == 1
