@@ -37,6 +37,7 @@ from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.caches import patch_caches
+from dqtool.studies.config_files import read_config
 from dqtool.studies.trainings import parse_resources, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
@@ -103,19 +104,7 @@ _KEYS = {"data", "domains", "seed", "patch", "train", "source", "targets", "rate
 def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict:
     """Read and check a study config (JSON). A relative ``data_root`` in it is taken relative to the
     config file's folder; ``data_root`` given here (``--data-root``) replaces it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path}: not a JSON config ({exc})") from exc
-    if isinstance(config, dict):
-        if data_root is not None:
-            config["data_root"] = str(Path(data_root).resolve())
-        elif config.get("data_root") is not None:
-            config["data_root"] = str((path.parent / config["data_root"]).resolve())
-    return check_config(config, str(path))
+    return check_config(read_config(path, data_root), str(path))
 
 
 def check_config(config: dict, where: str = "config") -> dict:

@@ -45,6 +45,7 @@ from dqtool.common.outputs import kill_point
 from dqtool.common.tables import write_json
 from dqtool.segmentation.train import TrainConfig
 from dqtool.studies.caches import patch_caches
+from dqtool.studies.config_files import read_config
 from dqtool.studies.rank_study import RankStudyResult, rank_options, rank_target, study_folder, train_bank
 from dqtool.studies.trainings import parse_resources
 
@@ -73,19 +74,7 @@ class RealMember:
 def load_rank_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict:
     """Read and check a study config; a relative ``data_root`` in it is relative to the config file's
     folder, and ``data_root`` given here (``--data-root``) replaces it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path}: not a JSON config ({exc})") from None
-    if isinstance(config, dict):
-        if data_root is not None:
-            config["data_root"] = str(Path(data_root).resolve())
-        elif config.get("data_root") is not None:
-            config["data_root"] = str((path.parent / config["data_root"]).resolve())
-    return check_rank_config(config, str(path))
+    return check_rank_config(read_config(path, data_root), str(path))
 
 
 def check_rank_config(config: dict, where: str = "config") -> dict:

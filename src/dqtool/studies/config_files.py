@@ -1,0 +1,29 @@
+"""A study's JSON config file: read, with its ``data_root`` resolved (``dqtool experiment``, ``rank-study --config``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dqtool.common.errors import InputError
+
+__all__ = ["read_config"]
+
+
+def read_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None):
+    """The config in ``path`` as parsed JSON (not yet checked). A relative ``data_root`` in it is taken
+    relative to the config file's folder; ``data_root`` given here (``--data-root``) replaces it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path}: not a JSON config ({exc})") from None
+    if isinstance(config, dict):
+        if data_root is not None:
+            config["data_root"] = str(Path(data_root).resolve())
+        elif config.get("data_root") is not None:
+            config["data_root"] = str((path.parent / config["data_root"]).resolve())
+    return config
