@@ -1,4 +1,4 @@
-"""A study's JSON config file: read, with its ``data_root`` resolved (``dqtool experiment``, ``rank-study --config``)."""
+"""A study's JSON config file: read (``data_root`` resolved) and its keys checked (experiment, rank-study)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dqtool.common.errors import InputError
 
-__all__ = ["read_config"]
+__all__ = ["read_config", "check_keys"]
 
 
 def read_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None):
@@ -27,3 +27,12 @@ def read_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
         elif config.get("data_root") is not None:
             config["data_root"] = str((path.parent / config["data_root"]).resolve())
     return config
+
+
+def check_keys(config, keys, where: str = "config") -> None:
+    """Refuse a config that is not a JSON object or has keys outside ``keys`` (naming them)."""
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise InputError(f"{where}: unknown keys {', '.join(unknown)} (expected some of {', '.join(sorted(keys))})")

@@ -37,7 +37,7 @@ from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.caches import patch_caches
-from dqtool.studies.config_files import read_config
+from dqtool.studies.config_files import check_keys, read_config
 from dqtool.studies.trainings import parse_resources, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
@@ -108,11 +108,7 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
 
 
 def check_config(config: dict, where: str = "config") -> dict:
-    if not isinstance(config, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    unknown = sorted(set(config) - _KEYS)
-    if unknown:
-        raise InputError(f"{where}: unknown keys {', '.join(unknown)} (expected some of {', '.join(sorted(_KEYS))})")
+    check_keys(config, _KEYS, where)
     if "source" not in config:
         raise InputError(f"{where}: no 'source' domain")
     config = {**DEFAULTS, **config}

@@ -45,7 +45,7 @@ from dqtool.common.outputs import kill_point
 from dqtool.common.tables import write_json
 from dqtool.segmentation.train import TrainConfig
 from dqtool.studies.caches import patch_caches
-from dqtool.studies.config_files import read_config
+from dqtool.studies.config_files import check_keys, read_config
 from dqtool.studies.rank_study import RankStudyResult, rank_options, rank_target, study_folder, train_bank
 from dqtool.studies.trainings import parse_resources
 
@@ -81,11 +81,7 @@ def check_rank_config(config: dict, where: str = "config") -> dict:
     """The config with its defaults, or an :class:`InputError` naming the first thing wrong in it."""
     from dqtool.ranking.rank import parse_perturbations
 
-    if not isinstance(config, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    unknown = sorted(set(config) - _KEYS)
-    if unknown:
-        raise InputError(f"{where}: unknown keys {', '.join(unknown)} (expected some of {', '.join(sorted(_KEYS))})")
+    check_keys(config, _KEYS, where)
     config = {**DEFAULTS, **config}
     target = config.get("target")
     if not (isinstance(target, dict) and isinstance(target.get("name"), str) and "root" in target
