@@ -137,12 +137,12 @@ _RANK_STUDY = ("from dqtool.studies.rank_study import BankMember, rank_study\n"
 
 def _after_bank(left):
     assert {"bank/fluo_r100_e001.pth", "bank/histo_r100_e001.pth"} <= set(left)
-    assert not any(k.startswith("rank_dropout/") for k in left) and "study.csv" not in left
+    assert not any(k.startswith("rank/") for k in left) and "study.csv" not in left
 
 
 def _after_ranking(left):
-    assert {"rank_dropout/ranking.csv", "rank_dropout/.dqtool-output.json"} <= set(left)
-    assert any(k.startswith("rank_dropout/cache/") for k in left)  # the unperturbed outputs, kept for a rerun
+    assert {"rank/dropout/ranking.csv", "rank/.dqtool-output.json"} <= set(left)
+    assert any(k.startswith("rank/cache/") for k in left)  # the unperturbed outputs, kept for a rerun
     assert "study.csv" not in left
 
 

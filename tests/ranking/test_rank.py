@@ -384,7 +384,7 @@ def test_rank_study_glue(tmp_path, monkeypatch):
     assert {(c["consistency"], c["performance"]) for c in summary.correlations} == \
         {(s, p) for s in ("adapted_rand", "nhd", "effective_invariance") for p in ("F1@0.5", "mean accuracy@0.5:0.95")}
     for name in ("study.csv", "study.md", "study_correlations.md", "study_summary.json", "study.png",
-                 "rank_dropout/rank.json"):
+                 "rank/dropout/rank.json"):
         assert (tmp_path / name).exists(), name
     written = json.loads((tmp_path / "study_summary.json").read_text())
     assert list(written) == ["target", "members", "rows", "correlations", "timing"]
@@ -440,14 +440,14 @@ def test_rank_study_hands_the_dropout_and_empty_options_to_every_ranking(tmp_pat
         calls.append(kw)
         raise _Stop
 
-    monkeypatch.setattr(S, "rank_models", fake_rank)
+    monkeypatch.setattr(S, "rank_bank", fake_rank)
     with pytest.raises(_Stop):
         S.rank_study(tmp_path / "s", dropout_site="bottleneck", dropout_draw="batch", empty="skip")
     assert {k: calls[0][k] for k in ("dropout_site", "dropout_draw", "empty")} == \
         {"dropout_site": "bottleneck", "dropout_draw": "batch", "empty": "skip"}
     with pytest.raises(_Stop):
         S.rank_study(tmp_path / "t")
-    assert not {"dropout_site", "dropout_draw", "empty"} & set(calls[1])  # rank_models' defaults
+    assert not {"dropout_site", "dropout_draw", "empty"} & set(calls[1])  # rank_bank's defaults
 
     seen = []
     monkeypatch.setattr(S, "rank_study", lambda out, **kw: seen.append(kw) or S.RankStudyResult(

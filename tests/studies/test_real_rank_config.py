@@ -95,7 +95,7 @@ def test_real_rank_config_runs_in_miniature(tmp_path):
     assert {r["model"] for r in summary.rows} == set(names)  # every member trained and ranked
     for pert in mini["perturbations"]:
         assert all(r.get(f"{pert}_rank") is not None for r in summary.rows), pert
-        assert (out / f"rank_{pert}" / "rank.json").exists()
+        assert (out / "rank" / pert / "rank.json").exists()
     assert {c["perturbation"] for c in summary.correlations} == set(mini["perturbations"])
     for name in ("study.csv", "study.md", "study.json", "study_correlations.csv", "study_correlations.md",
                  "study_summary.json", "study.png", "bank.json"):

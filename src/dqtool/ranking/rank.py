@@ -677,7 +677,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
               score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
               quiet: bool = True, cache: bool = True, builtin=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
               dropout_draw: str = DEFAULT_DROPOUT_DRAW, empty: str = DEFAULT_EMPTY,
-              cluster: Cluster | None = None) -> BankRanking:
+              cluster: Cluster | None = None, subfolders: bool = False) -> BankRanking:
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
@@ -687,8 +687,8 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
 
     Each :class:`RankResult` has its models best first, failed ones last with their error. With
     ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
-    with ``labels``, validation.* into ``out``; several write them into ``out/<perturbation>/``, the
-    same files a run with that perturbation alone writes. The unperturbed predictions are cached in
+    with ``labels``, validation.* into ``out``; several (or one, with ``subfolders``) write them into
+    ``out/<perturbation>/``, the same files a run with that perturbation alone writes. The unperturbed predictions are cached in
     ``out/cache/`` unless ``cache`` is False. ``out`` is one of dqtool's output folders
     (:func:`dqtool.common.outputs.writing_folder`: never an input or a lab's non-empty folder; one writer at
     a time). ``builtin`` (``"cyto3,nuclei"`` or a list) adds Cellpose's
@@ -795,7 +795,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     bank = BankRanking(results=results, notes=notes, timing=timing, cache={} if store is None else store.to_dict())
     if out is not None:
         for k, result in results.items():
-            folder = Path(out) if len(kinds) == 1 else Path(out) / k
+            folder = Path(out) if len(kinds) == 1 and not subfolders else Path(out) / k
             result.paths = write_outputs(result, folder, [f.name for f in files])
             bank.paths[k] = result.paths
         total = time.perf_counter() - t_start

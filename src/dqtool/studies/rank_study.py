@@ -3,8 +3,8 @@
 ``rank_study`` writes the embedded default domains (:func:`dqtool.synthetic.generate`), builds one
 patch cache per training domain, trains a bank of models that differ in training domain, epochs and
 subset rate (:func:`dqtool.training.train_patches`), then ranks the bank on the target domain's test
-images with :func:`dqtool.rank.rank_models` once with bottleneck dropout and once with an input
-perturbation, with the target labels for validation. It reports, per perturbation and consistency
+images with :func:`dqtool.ranking.rank.rank_bank` with bottleneck dropout and an input perturbation in
+one run (the unperturbed passes shared), with the target labels for validation. It reports, per perturbation and consistency
 score (adapted Rand, NHD, effective invariance), Pearson (raw), Spearman and Kendall (ranks) against
 each model's F1 at IoU 0.5 and mean accuracy over 0.5:0.95, with permutation-test p-values. Every random choice (data, subsets, training, dropout, noise) is seeded.
 
@@ -43,7 +43,7 @@ from dqtool.common.files import atomic_write_bytes
 from dqtool.common.outputs import kill_point, write_marker, writing
 from dqtool.common.tables import write_json, write_table
 from dqtool.data.synthetic import DOMAINS, generate
-from dqtool.ranking.rank import rank_models
+from dqtool.ranking.rank import rank_bank
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.trainings import parse_resources, train_models
@@ -237,7 +237,7 @@ def rank_study(out: str | os.PathLike, target: str = "fluo", quick: bool = False
     The budget is ``PRESETS["quick" if quick else "default"]``; ``members``, ``bsize``,
     ``nimg_per_epoch``, ``n_train``, ``n_test`` and ``size`` given here replace the preset's. Writes
     ``study.{csv,md,json}``, ``study_correlations.*``, ``study_summary.json`` and ``study.png`` in ``out``.
-    ``dropout_site``, ``dropout_draw`` and ``empty`` go to every ranking (None: rank_models' defaults;
+    ``dropout_site``, ``dropout_draw`` and ``empty`` go to every ranking (None: rank_bank's defaults;
     each ranking's rank.json records them); the bank is reused when its model files exist.
 
     ``cluster`` (``--workers``/``--scheduler``): the bank's trainings run as one Dask task per model (each
@@ -270,7 +270,7 @@ def study_folder(out: Path, quiet: bool, cluster: Cluster | None = None, inputs=
 
 
 def rank_options(dropout_site: str | None, dropout_draw: str | None, empty: str | None) -> dict:
-    """The ranking options given (None: rank_models' defaults, recorded in each rank.json)."""
+    """The ranking options given (None: rank_bank's defaults, recorded in each rank.json)."""
     return {k: v for k, v in (("dropout_site", dropout_site), ("dropout_draw", dropout_draw), ("empty", empty))
             if v is not None}
 
@@ -299,20 +299,22 @@ def _rank_study(out: Path, target: str, budget, perturbations, seed: int, quiet:
 
 def rank_target(out: Path, images: Path, labels: Path, target: str, members: list[str], perturbations, seed: int,
                 quiet: bool, options: dict | None = None, cluster: Cluster | None = None) -> RankStudyResult:
-    """Rank the bank ``out/bank`` on ``images`` once per perturbation (``out/rank_<perturbation>``), validated
-    with ``labels`` (a folder, or a split file as ``images`` may be too), and write the study's tables.
+    """Rank the bank ``out/bank`` on ``images`` with every perturbation in one :func:`rank_bank` run (one
+    unperturbed pass per model and image shared by all; ``out/rank/<perturbation>/``, the cache in
+    ``out/rank/cache/``), validated with ``labels`` (a folder, or a split file as ``images`` may be too), and
+    write the study's tables.
 
     Per model: F1 at IoU 0.5, mean accuracy over 0.5:0.95 and, per perturbation, its rank and median scores
     (``study.*``, best F1 first, ``f1_rank`` with ties sharing the best rank); per perturbation and
     consistency score: Pearson, Spearman and Kendall against F1 and accuracy with permutation p-values
     (``study_correlations.*``); ``study_summary.json``; and the panel plot ``study.png`` (:func:`plot_study`).
     """
-    results = {}
-    for pert in perturbations:
-        results[pert] = rank_models(out / "bank", images, labels=labels, perturbation=pert,
-                                    out=out / f"rank_{pert}", seed=seed, quiet=quiet, **(options or {}),
-                                    **({"cluster": cluster} if cluster is not None and cluster.active else {}))
-        kill_point("rank-study:ranked")  # tests: one ranking written, the study tables not yet
+    # one ranking run for every perturbation: one unperturbed pass per model and image, shared
+    bank = rank_bank(out / "bank", images, labels=labels, perturbations=list(perturbations), out=out / "rank",
+                     seed=seed, quiet=quiet, subfolders=True, **(options or {}),
+                     **({"cluster": cluster} if cluster is not None and cluster.active else {}))
+    kill_point("rank-study:ranked")  # tests: the rankings written, the study tables not yet
+    results = bank.results
     by_model: dict[str, dict] = {}
     for pert, res in results.items():
         for m in res.ranked:

@@ -2,13 +2,13 @@
 
 The study asks whether the consistency of a model's outputs under perturbation (paper 004) ranks models as
 their true accuracy on unlabelled real images would. A bank of Cellpose models is trained on different real
-sources and budgets, then ranked on a real labelled target that no bank model trained on, once per
-perturbation (bottleneck dropout, input noise) by :func:`dqtool.ranking.rank.rank_models`. Each model's median
+sources and budgets, then ranked on a real labelled target that no bank model trained on with each
+perturbation (bottleneck dropout, input noise), all in one :func:`dqtool.ranking.rank.rank_bank` run. Each model's median
 consistency scores (adapted Rand, NHD, effective invariance) are set against its F1 at IoU 0.5 and its mean
 accuracy over IoU 0.5:0.95 on the target's labels: Pearson (raw), Spearman and Kendall (ranks), each with a
 permutation-test p-value. Tables, correlations and the panel plot are the synthetic study's
 (:func:`dqtool.studies.rank_study.rank_target`): ``study.*``, ``study_correlations.*``, ``study_summary.json``,
-``study.png``, and one ranking folder per perturbation (``rank_<perturbation>/``).
+``study.png``, and one ranking folder per perturbation (``rank/<perturbation>/``).
 
 The config (``studies/real_rank.json``), paths relative to ``data_root``:
 
@@ -225,12 +225,12 @@ def rank_study_config(config: dict | str | os.PathLike, out: str | os.PathLike,
                       data_root: str | os.PathLike | None = None, quiet: bool = True,
                       dropout_site: str | None = None, dropout_draw: str | None = None, empty: str | None = None,
                       cluster: Cluster | None = None, train_resources: str | dict | None = None) -> RankStudyResult:
-    """Train the config's bank (a finished model is kept), rank it on the target once per perturbation and
+    """Train the config's bank (a finished model is kept), rank it on the target with every perturbation and
     write the study's tables, correlations and plot in ``out``; returns the study's summary.
 
     ``config`` is a config file (``data_root`` relative to it) or a dict (``data_root`` as given);
     ``data_root`` replaces the config's. ``dropout_site``, ``dropout_draw`` and ``empty`` go to every ranking
-    (None: rank_models' defaults). ``cluster`` (``--workers``/``--scheduler``): the members train as one Dask
+    (None: rank_bank's defaults). ``cluster`` (``--workers``/``--scheduler``): the members train as one Dask
     task each (asking for ``train_resources``, e.g. ``"GPU=1"``) and the rankings run as (model, image) tasks.
     """
     if isinstance(config, dict):
