@@ -126,11 +126,11 @@ def test_stale_temp_files_and_interrupted_swaps(tmp_path):
     old = tmp_path / f".exp.old-{dead}"
     old.mkdir()
     (old / "000_img.png").write_bytes(b"kept")
-    (tmp_path / "c.h5.tmp-1").write_bytes(b"not hidden: not ours")
+    (tmp_path / f"c.h5.tmp-{dead}").write_bytes(b"not hidden: not ours, even of a dead pid")
     done = clean_stale(tmp_path)
     assert len(done) == 3
     assert (tmp_path / "exp" / "000_img.png").read_bytes() == b"kept"  # the old folder was put back
-    assert (tmp_path / f".c.h5.tmp-{alive}").exists() and (tmp_path / "c.h5.tmp-1").exists()
+    assert (tmp_path / f".c.h5.tmp-{alive}").exists() and (tmp_path / f"c.h5.tmp-{dead}").exists()
     assert not (tmp_path / f".c.h5.tmp-{dead}").exists() and not (tmp_path / f".exp.tmp-{dead}").exists()
 
 
@@ -186,3 +186,41 @@ def test_a_temp_file_whose_output_is_locked_is_kept(tmp_path):
         holder.kill()
         holder.wait()
     assert clean_stale(tmp_path) == [temp] and not temp.exists()
+
+
+_WRITER = ("import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\n"
+           "time.sleep(float(sys.argv[2]))\nf.close()\n")
+
+
+def test_a_reader_waits_for_a_writers_hdf5_lock_and_then_reads(tmp_path):
+    """libhdf5 locks a file open for writing; a reader waits for it (a derived group being swapped in)."""
+    cache = noise_cache(tmp_path / "c.h5")
+    with PatchCache(cache) as pc:
+        n = len(pc)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), "1.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(OSError):  # the lock is real: a plain open fails now
+            h5py.File(cache, "r").close()
+        with PatchCache(cache) as pc:  # waits, then reads
+            assert len(pc) == n
+        assert writer.poll() is not None  # it could only open after the writer had closed
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_reader_gives_up_on_a_lock_held_too_long_with_one_line(tmp_path, monkeypatch):
+    import dqtool.data.cache as C
+
+    cache = noise_cache(tmp_path / "c.h5")
+    monkeypatch.setattr(C, "LOCK_WAIT_S", 0.5)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), "3600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(InputError, match="held open for writing by another process") as err:
+            PatchCache(cache)
+        assert str(cache) in str(err.value) and "\n" not in str(err.value)
+    finally:
+        writer.kill()
+        writer.wait()

@@ -33,8 +33,10 @@ written with a completion flag set last; a group without it reads back as missin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -52,6 +54,8 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 DEFAULT_COMPRESSION = "gzip"  # level 1; chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
 _STR = h5py.string_dtype(encoding="utf-8")
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))  # inflation threads per open cache
+#: How long a reader waits for a writer's HDF5 file lock (a derived group being swapped in) before it gives up.
+LOCK_WAIT_S = 30.0
 
 try:  # libdeflate (via imagecodecs, a dependency) inflates ~2-3x faster than zlib; zlib is the fallback
     import imagecodecs as _imagecodecs
@@ -94,6 +98,29 @@ def _raw_codec(dset: h5py.Dataset) -> str | None:
 # reading
 
 
+def _locked(exc: OSError) -> bool:
+    return getattr(exc, "errno", None) == errno.EAGAIN or "unable to lock file" in str(exc)
+
+
+def open_for_reading(path: Path, wait_s: float | None = None) -> h5py.File:
+    """``h5py.File(path, "r")``, waiting up to ``wait_s`` (default :data:`LOCK_WAIT_S`) while another process
+    holds the file open for writing (libhdf5's file lock, held while ``embed``/``select`` write a derived
+    group): a reader keeps working through a write. Then, or for a file HDF5 cannot read, one line."""
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            if not _locked(exc):
+                raise InputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise InputError(f"{path}: held open for writing by another process for over {wait_s:g} s "
+                                 "(a dqtool write, or another HDF5 program); try again when it has finished") \
+                    from exc
+            time.sleep(0.2)
+
+
 class PatchCache:
     """Read-only view of a complete cache. Use as a context manager or call ``close()``."""
 
@@ -101,10 +128,7 @@ class PatchCache:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such cache file")
-        try:
-            self._h5 = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(f"{self.path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+        self._h5 = open_for_reading(self.path)
         try:
             self._check()
         except Exception:
@@ -129,7 +153,7 @@ class PatchCache:
     def _read(self, name: str) -> np.ndarray:
         if self._h5.id.valid:
             return self._h5[name][()]
-        with h5py.File(self.path, "r") as h5:  # first use after close()
+        with open_for_reading(self.path) as h5:  # first use after close()
             return h5[name][()]
 
     def _strings(self, name: str) -> np.ndarray:
