@@ -134,7 +134,8 @@ def channels_option(func):
 _TRAINING_FIELDS = {"channels": "channels", "sgd": "sgd", "learning_rate": "learning_rate",
                     "weight_decay": "weight_decay", "epochs": "n_epochs", "save_every": "save_every",
                     "bsize": "bsize", "batch_size": "batch_size", "nimg_per_epoch": "nimg_per_epoch",
-                    "seed": "seed", "min_train_masks": "min_train_masks", "engine": "engine"}
+                    "seed": "seed", "min_train_masks": "min_train_masks", "engine": "engine",
+                    "retain": "retain", "retain_weight": "retain_weight"}
 
 
 def training_options(func):
@@ -167,6 +168,12 @@ def training_options(func):
         click.option("--min-train-masks", type=int, default=5, show_default=True,
                      help="Drop patches with fewer masks (reported)."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint."),
+        click.option("--retain", type=LazyChoice("dqtool.segmentation.retention:RETAIN"), default="none",
+                     show_default=True,
+                     help="Keep what the --init model knew without its data: l2sp pulls the weights towards it, "
+                          "lwf matches its outputs on the new patches."),
+        click.option("--retain-weight", type=float, default=None,
+                     help="W of the --retain term [default: 0.01 for l2sp, 1 for lwf]."),
         click.option("--engine", type=LazyChoice("dqtool.segmentation.train:ENGINES"), default="dqtool",
                      show_default=True,
                      help="dqtool: train_seg's loop step for step (progress, resume, seeds); train_seg: "

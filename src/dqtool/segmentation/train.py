@@ -19,7 +19,9 @@ What dqtool adds (the Cellpose traps of REFERENCE.md section 6):
 * labels are renumbered on copies; the patches ``min_train_masks`` drops are counted and reported;
 * a warning when ``n_epochs`` is within the 10-epoch learning-rate warm-up;
 * a progress bar over epochs with the current loss;
-* a checkpoint every ``save_every`` epochs, from which ``resume=True`` continues after a kill.
+* a checkpoint every ``save_every`` epochs, from which ``resume=True`` continues after a kill;
+* ``retain`` (``--retain l2sp|lwf``): a source-free retention term added to the loss when finetuning from
+  ``init`` (:mod:`dqtool.segmentation.retention`).
 
 Resume restores the network weights, the optimiser state (SGD momentum / AdamW moments), the epoch
 count, the learning-rate schedule and the per-epoch numpy seeds, so a resumed run ends with the same
@@ -54,6 +56,7 @@ from dqtool.common.progress import bar
 from dqtool.common.files import atomic_write, atomic_write_text, file_sha256
 from dqtool.common.outputs import kill_point, writing
 from dqtool.segmentation.model_files import build_net, check_model_path, load_state_dict, sidecar_paths
+from dqtool.segmentation.retention import Retention, check_retain
 from dqtool.common.tables import write_json
 from dqtool.selection.subsets import Subset
 
@@ -82,6 +85,8 @@ class TrainConfig:
     seed: int = 0
     min_train_masks: int = 5
     engine: str = "dqtool"
+    retain: str = "none"
+    retain_weight: float | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -103,12 +108,18 @@ class TrainConfig:
             raise InputError(f"nimg_per_epoch = {self.nimg_per_epoch}: expected a positive integer")
         if self.min_train_masks < 0:
             raise InputError(f"min_train_masks = {self.min_train_masks}: expected >= 0")
+        weight = check_retain(self.retain, self.retain_weight)  # W's default for the method when None
+        object.__setattr__(self, "retain_weight", weight if self.retain != "none" else None)
+        if self.retain != "none" and self.engine != "dqtool":
+            raise InputError(f"retain {self.retain!r} needs engine 'dqtool' (train_seg's loss cannot be extended)")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
         if d["engine"] == "dqtool":  # the default stays out, so runs recorded before the option keep their identity
             del d["engine"]
+        if d["retain"] == "none":  # likewise
+            del d["retain"], d["retain_weight"]
         return d
 
 
@@ -262,13 +273,14 @@ def _optimizer(net, config: TrainConfig):
 
 
 def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, optimizer=None,
-               train_losses: np.ndarray | None = None, on_epoch=None, quiet: bool = True):
+               train_losses: np.ndarray | None = None, on_epoch=None, quiet: bool = True, retention=None):
     """Cellpose's ``train_seg`` epoch loop over prepared ``data``/``flows``, epochs start..n_epochs-1.
 
     Per epoch e: numpy seeded with ``epoch_seed(seed, e)``, a permutation (or ``nimg_per_epoch`` draws),
     lr = ``learning_rate_schedule(...)[e]``, batches augmented by ``random_rotate_and_resize`` (scale
     range 0.5, rescaled by diam / diam_mean), loss = MSE(5 * flows, y[:2]) / 2 + BCE(y[2], cellprob > .5)
-    (Cellpose's ``_loss_fn_seg``); loss[e] = sum over batches of loss * len(batch) / nimg_per_epoch.
+    (Cellpose's ``_loss_fn_seg``), plus ``retention(net, x, y)`` when given (:mod:`dqtool.segmentation.retention`:
+    L2-SP or LwF, source-free); loss[e] = sum over batches of loss * len(batch) / nimg_per_epoch.
     ``on_epoch(e, optimizer, train_losses)`` runs after each epoch (checkpoints, progress).
     """
     import torch
@@ -304,8 +316,11 @@ def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, opti
                 rsc = diam_train[inds] / net.diam_mean.item()
                 imgi, lbl = transforms.random_rotate_and_resize(imgs, Y=lbls, rescale=rsc, scale_range=0.5,
                                                                 xy=(config.bsize, config.bsize))[:2]
-                y = net(torch.from_numpy(imgi).to(device))[0]
+                x = torch.from_numpy(imgi).to(device)
+                y = net(x)[0]
                 loss = _loss_fn_seg(lbl, y, device)
+                if retention is not None:
+                    loss = loss + retention(net, x, y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -388,6 +403,9 @@ def train_patches(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ou
     dqtool did not write, locked against a second writer, OS faults one line.
     """
     out = Path(out)
+    if config.retain != "none" and init is None:
+        raise InputError(f"{out}: --retain {config.retain} keeps what the starting model knew, and there is none: "
+                         "give --init MODEL (or train without --retain)")
     out.parent.mkdir(parents=True, exist_ok=True)
     inputs = [init, (provenance or {}).get("cache")]
     with writing(out, "train", inputs):  # the lock covers the files beside the model too
@@ -466,6 +484,7 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
     with _rng_scope(config.seed), _mkldnn_off():
         net = build_net(init)
         optimizer = _optimizer(net, config)
+        retention = None if config.retain == "none" else Retention(config.retain, config.retain_weight, init)
         start, losses = 0, np.zeros(config.n_epochs)
         if resume_state is not None:
             state = resume_state
@@ -488,7 +507,7 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
 
         try:
             losses, lrs, _ = run_epochs(net, data, flows, config, start_epoch=start, optimizer=optimizer,
-                                        train_losses=losses, on_epoch=on_epoch, quiet=quiet)
+                                        train_losses=losses, on_epoch=on_epoch, quiet=quiet, retention=retention)
         except _Stopped:
             return TrainResult(model=out, config=config.to_dict(), provenance=provenance, train_losses=[],
                                learning_rates=[], n_patches=int(keep.size), n_dropped=int(n_dropped),

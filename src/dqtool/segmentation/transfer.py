@@ -20,6 +20,7 @@ stay, and re-running the same command reuses them (``resume=True`` continues an 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -268,7 +269,10 @@ def _run_stages(out_dir: Path, plan: list[tuple[str, object]], evals: dict, conf
         else:
             images, labels, provenance = data()
             model = models / f"{k:02d}_{name}"
-            result = train_patches(images, labels, model, config, init=previous, provenance=provenance,
+            # retention keeps what the stage's starting model knew: a first stage from scratch has none
+            stage_config = config if previous is not None else dataclasses.replace(config, retain="none",
+                                                                                   retain_weight=None)
+            result = train_patches(images, labels, model, stage_config, init=previous, provenance=provenance,
                                    resume=resume, quiet=quiet)
             stage = Stage(name=name, model=model, train=result)
         if evals:
@@ -395,7 +399,8 @@ def sequence(caches: Sequence[str | os.PathLike], out_dir: str | os.PathLike, in
              evals: Mapping[str, str] | None = None, config: TrainConfig | None = None, resume: bool = False,
              names: Sequence[str] | None = None, quiet: bool = False) -> TransferResult:
     """Sequential transfer (Table VII): train on ``caches[0]``, then continue on ``caches[1]``, ...;
-    a model after each stage (``models/NN_<name>``), evaluated on every test domain."""
+    a model after each stage (``models/NN_<name>``), evaluated on every test domain. ``config.retain``
+    applies to every stage that starts from a model (without ``init`` the first stage trains without it)."""
     config = config or TrainConfig()
     if not caches:
         raise InputError("sequence: give at least one cache")
