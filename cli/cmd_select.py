@@ -24,8 +24,15 @@ def _rates(ctx, param, value: str) -> list[float]:
 @click.option("--rate", required=True, callback=_rates,
               help="Fraction rho of patches to keep; several comma-separated (bins are formed once).")
 @click.option("--bins", default=10, show_default=True, type=click.IntRange(min=1), help="Number of DQ bins.")
-@click.option("--method", type=LazyChoice("dqtool.selection.quantize:METHODS"), default="dq", show_default=True,
-              help="dq, or the random baseline of the same size.")
+@click.option("--method", type=LazyChoice("dqtool.selection.quantize:SELECT_METHODS"), default="dq", show_default=True,
+              help="dq; the random baseline of the same size; kcenter; uncertain: in each DQ bin, the patches on "
+                   "which --model is least consistent under perturbation.")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Cellpose model file whose label-free consistency ranks the patches (--method uncertain).")
+@click.option("--no-bins", "no_bins", is_flag=True, default=False,
+              help="--method uncertain: the least consistent patches overall, no DQ bins (no features needed).")
+@click.option("--score", type=LazyChoice("dqtool.selection.uncertain:SCORES"), default=None,
+              help="--method uncertain: uncertainty = 1 - this consistency [default: adapted_rand].")
 @click.option("--gain", type=LazyChoice("dqtool.selection.quantize:GAINS"), default="paper", show_default=True,
               help="paper: eq. 1; dq: the original DQ code (GraphCut, 0.5+0.5cos); biomedseg: the seed's code.")
 @click.option("--sampling", type=LazyChoice("dqtool.selection.quantize:SAMPLINGS"), default="random",
@@ -39,14 +46,19 @@ def _rates(ctx, param, value: str) -> list[float]:
               help="Folder for PNGs: 2-D embedding (like Fig. 3) and patch grids (like Fig. 2).")
 @quiet_option
 @user_errors
-def select(cache, rate, bins, method, gain, sampling, seed, memory, out, plot_dir, quiet):
+def select(cache, rate, bins, method, model, no_bins, score, gain, sampling, seed, memory, out, plot_dir, quiet):
     """Select a fraction of the patches in CACHE by dataset quantization (run `dqtool embed CACHE` first)."""
     from dqtool.selection.quantize import select_to_files
+    from dqtool.selection.uncertain import scorer_for
 
-    written = select_to_files(cache, rate, out, plot_dir=plot_dir, method=method, bins=bins, gain=gain,
-                              seed=seed, sampling=sampling, memory=memory, quiet=is_quiet(quiet))
+    written = select_to_files(cache, rate, out, plot_dir=plot_dir, method=method, bins=None if no_bins else bins,
+                              gain=gain, seed=seed, sampling=sampling, memory=memory, quiet=is_quiet(quiet),
+                              scorer=scorer_for(model, score))
     for path, subset in written:
         cov, cfg = subset.coverage, subset.config
+        if subset.method == "uncertain":
+            _echo_uncertain(path, subset)
+            continue
         click.echo(f"rate {subset.rate:g}: {subset.n_selected} of {subset.n_total} patches "
                    f"({subset.method}, gain {cfg['gain']}, {cfg['bins']} bins"
                    f"{', reused' if cfg['bins_reused'] else ''}) -> {path}")
@@ -56,6 +68,20 @@ def select(cache, rate, bins, method, gain, sampling, seed, memory, out, plot_di
                    f"random {cov['random']['mean_distance']:.4f}")
     if plot_dir is not None:
         click.echo(f"plots -> {plot_dir}")
+
+
+def _echo_uncertain(path, subset) -> None:
+    cov, cfg = subset.coverage, subset.config
+    bins = f"{cfg['bins']} bins, gain {cfg['gain']}{', reused' if cfg['bins_reused'] else ''}" if cfg["bins"] \
+        else "no bins"
+    click.echo(f"rate {subset.rate:g}: {subset.n_selected} of {subset.n_total} patches (uncertain, {bins}) -> {path}")
+    click.echo(f"  model {cfg['model']} (sha256 {cfg['model_sha256'][:12]}), patch scores "
+               f"{'reused' if cfg['uncertainty_reused'] else 'computed'} ({cfg['uncertainty_group']})")
+    click.echo(f"  mean uncertainty (1 - {cfg['score']})  selected {cfg['uncertainty_mean_selected']:.4f}   "
+               f"all {cfg['uncertainty_mean_all']:.4f}")
+    if cov is not None:
+        click.echo(f"  covering radius        uncertain {cov['uncertain']['covering_radius']:.4f}   "
+                   f"dq {cov['dq']['covering_radius']:.4f}   random {cov['random']['covering_radius']:.4f}")
 
 
 @click.command("export")

@@ -28,14 +28,14 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
     return x @ (axes * np.where(signs == 0, 1.0, signs)[:, None]).T
 
 
-def plot_embedding(features, dq, rnd, bin_of, path) -> Path:
-    """Scatter of all patches (coloured by bin) with the DQ (red) and random (gold) picks on top."""
+def plot_embedding(features, dq, rnd, bin_of, path, label: str = "DQ") -> Path:
+    """Scatter of all patches (coloured by bin) with the DQ (red; or ``label``'s) and random (gold) picks on top."""
     plt = pyplot()
     xy = pca_2d(features)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     ax.scatter(xy[:, 0], xy[:, 1], c=bin_of, cmap="tab10", s=8, alpha=0.5, linewidths=0)
     ax.scatter(xy[rnd, 0], xy[rnd, 1], s=22, c="goldenrod", marker="o", label=f"random ({len(rnd)})")
-    ax.scatter(xy[dq, 0], xy[dq, 1], s=22, c="red", marker="^", label=f"DQ ({len(dq)})")
+    ax.scatter(xy[dq, 0], xy[dq, 1], s=22, c="red", marker="^", label=f"{label} ({len(dq)})")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title("Features (PCA), background coloured by DQ bin")
@@ -52,8 +52,8 @@ def _spread(indices: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(indices)[np.linspace(0, len(indices) - 1, k).round().astype(int)]
 
 
-def plot_patch_grid(cache: PatchCache, dq, rnd, path, per_side: int = 16) -> Path:
-    """DQ patches (left) next to random patches (right), up to ``per_side`` each in a square grid."""
+def plot_patch_grid(cache: PatchCache, dq, rnd, path, per_side: int = 16, label: str = "DQ") -> Path:
+    """DQ (or ``label``'s) patches (left) next to random patches (right), up to ``per_side`` each in a square grid."""
     plt = pyplot()
     a, b = _spread(dq, per_side), _spread(rnd, per_side)
     cols = int(np.ceil(np.sqrt(max(len(a), len(b), 1))))
@@ -66,18 +66,18 @@ def plot_patch_grid(cache: PatchCache, dq, rnd, path, per_side: int = 16) -> Pat
         for k, img in enumerate(imgs):
             ax = axes[k // cols, side + k % cols]
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-    axes[0, 0].set_title("DQ", loc="left", fontsize=9)
+    axes[0, 0].set_title(label, loc="left", fontsize=9)
     axes[0, cols + 1].set_title("random", loc="left", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     return save_figure(fig, path)
 
 
-def plot_selection(cache_path, features, dq, rnd, bin_of, out_dir, suffix: str = "") -> list[Path]:
-    """Both pictures into ``out_dir``: ``embedding<suffix>.png`` and ``patches<suffix>.png``."""
+def plot_selection(cache_path, features, dq, rnd, bin_of, out_dir, suffix: str = "", label: str = "DQ") -> list[Path]:
+    """Both pictures into ``out_dir``: ``embedding<suffix>.png`` and ``patches<suffix>.png`` (picks named ``label``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plot_embedding(features, dq, rnd, bin_of, out_dir / f"embedding{suffix}.png")]
+    paths = [plot_embedding(features, dq, rnd, bin_of, out_dir / f"embedding{suffix}.png", label=label)]
     with PatchCache(cache_path) as cache:
-        paths.append(plot_patch_grid(cache, dq, rnd, out_dir / f"patches{suffix}.png"))
+        paths.append(plot_patch_grid(cache, dq, rnd, out_dir / f"patches{suffix}.png", label=label))
     return paths
