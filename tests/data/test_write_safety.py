@@ -22,6 +22,7 @@ from dqtool.common.outputs import (
     folder_marker,
     is_dqtool_file,
     output_error,
+    output_lock,
     swap_folder,
     write_marker,
     writing,
@@ -188,23 +189,30 @@ def test_a_temp_file_whose_output_is_locked_is_kept(tmp_path):
     assert clean_stale(tmp_path) == [temp] and not temp.exists()
 
 
-_WRITER = ("import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\n"
-           "time.sleep(float(sys.argv[2]))\nf.close()\n")
+_WRITER = ("import h5py, pathlib, sys\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\n"
+           "sys.stdin.readline()\npathlib.Path(sys.argv[2]).write_text('closing')\nf.close()\n")
 
 
 def test_a_reader_waits_for_a_writers_hdf5_lock_and_then_reads(tmp_path):
     """libhdf5 locks a file open for writing; a reader waits for it (a derived group being swapped in)."""
+    import threading
+
     cache = noise_cache(tmp_path / "c.h5")
     with PatchCache(cache) as pc:
         n = len(pc)
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), "1.5"], stdout=subprocess.PIPE, text=True)
+    marker = tmp_path / "closing"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), str(marker)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "open"
-        with pytest.raises(OSError):  # the lock is real: a plain open fails now
+        with pytest.raises(OSError):  # the lock is real: a plain open fails while the writer holds the file
             h5py.File(cache, "r").close()
+        release = threading.Timer(1.0, lambda: (writer.stdin.write("go\n"), writer.stdin.flush()))
+        release.start()
         with PatchCache(cache) as pc:  # waits, then reads
             assert len(pc) == n
-        assert writer.poll() is not None  # it could only open after the writer had closed
+        assert marker.exists()  # it could only open once the writer had let go (an order, not a time)
+        release.join()
     finally:
         writer.kill()
         writer.wait()
@@ -215,7 +223,8 @@ def test_a_reader_gives_up_on_a_lock_held_too_long_with_one_line(tmp_path, monke
 
     cache = noise_cache(tmp_path / "c.h5")
     monkeypatch.setattr(C, "LOCK_WAIT_S", 0.5)
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), "3600"], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), str(tmp_path / "closing")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # holds until killed
     try:
         assert writer.stdout.readline().strip() == "open"
         with pytest.raises(InputError, match="held open for writing by another process") as err:
@@ -224,3 +233,20 @@ def test_a_reader_gives_up_on_a_lock_held_too_long_with_one_line(tmp_path, monke
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_the_output_lock_never_waits(tmp_path, monkeypatch):
+    """A second writer fails at once: the lock is tried without blocking (timeout 0), whatever the holder does."""
+    import filelock
+
+    seen = []
+    real = filelock.FileLock.acquire
+
+    def spy(self, timeout=None, *args, **kwargs):
+        seen.append(self.timeout if timeout is None else timeout)
+        return real(self, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", spy)
+    with output_lock(tmp_path / "out"):
+        pass
+    assert seen and all(t == 0 for t in seen)

@@ -99,7 +99,10 @@ def _raw_codec(dset: h5py.Dataset) -> str | None:
 
 
 def _locked(exc: OSError) -> bool:
-    return getattr(exc, "errno", None) == errno.EAGAIN or "unable to lock file" in str(exc)
+    """libhdf5's "file is locked by another process" (errno 11, EAGAIN/EWOULDBLOCK), not a lasting lock error
+    such as ENOLCK on a file system without locks."""
+    return getattr(exc, "errno", None) == errno.EAGAIN or ("unable to lock file" in str(exc)
+                                                           and f"errno = {errno.EAGAIN}," in str(exc))
 
 
 def open_for_reading(path: Path, wait_s: float | None = None) -> h5py.File:

@@ -12,6 +12,8 @@ model rather than towards zero,
 added to Cellpose's loss. All of Cellpose's layers are shared with the starting model (no new head), so
 L2-SP's second term (a plain L2 on new layers) is empty. The optimiser's weight decay stays as configured
 (Cellpose's 1e-4 towards zero, 100x weaker than the default W here); ``--weight-decay 0`` gives pure L2-SP.
+With ``--adamw`` the term's gradient is rescaled per weight by Adam, so it is no longer the paper's SGD form and
+its range of W does not carry over.
 
 ``lwf`` (Learning without Forgetting, Li and Hoiem, TPAMI 2018): the frozen starting model's outputs on the
 same augmented target batch are soft targets. With y = (flow_y, flow_x, z) the new network's output and
@@ -20,8 +22,12 @@ y^0 the starting model's (in inference mode, as LwF records the original network
     L_lwf = W * ( 1/2 * mean (flow - flow^0)^2  +  mean KL( sigma(z^0) || sigma(z) ) )
 
 where KL(q || p) = q log(q/p) + (1-q) log((1-q)/(1-p)) is the binary cross-entropy of the logits z against
-the soft target q = sigma(z^0) minus its entropy: the same gradient as that BCE, and zero when the new
-network equals the old one (the flow term has the 1/2 of Cellpose's own flow loss, ``_loss_fn_seg``).
+the soft target q = sigma(z^0) minus its entropy: the same gradient as that BCE, and zero when the two
+outputs are equal (the flow term has the 1/2 of Cellpose's own flow loss, ``_loss_fn_seg``). The starting
+model runs in inference mode (its batch-norm running statistics, as LwF records the original network's
+responses) while the model being trained uses batch statistics, so at the first step the term is the gap
+between the two, not 0. LwF's temperature (T = 2 for its softmax classes) has no counterpart here: the cell
+probability is one logistic output and the flows are regression targets, matched as they are.
 One extra forward pass of the starting model per batch.
 """
 
@@ -47,7 +53,10 @@ def check_retain(retain: str, weight: float | None) -> float:
         return 0.0
     if weight is None:
         return DEFAULT_WEIGHTS[retain]
-    w = float(weight)
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise InputError(f"retain_weight = {weight!r}: expected a number") from None
     if not math.isfinite(w) or w < 0:
         raise InputError(f"retain_weight = {weight}: expected a finite number >= 0")
     return w
@@ -82,7 +91,7 @@ class Retention:
     """The retention term of one training run: ``term(net, x, y)`` is W * Omega (l2sp) or W * L_lwf (lwf)
     for the batch ``x`` whose network output is ``y``; built from the starting model ``init``."""
 
-    def __init__(self, retain: str, weight: float, init, device=None):
+    def __init__(self, retain: str, weight: float, init):
         import torch
 
         from dqtool.segmentation.model_files import build_net

@@ -108,13 +108,18 @@ class TrainConfig:
             raise InputError(f"nimg_per_epoch = {self.nimg_per_epoch}: expected a positive integer")
         if self.min_train_masks < 0:
             raise InputError(f"min_train_masks = {self.min_train_masks}: expected >= 0")
-        weight = check_retain(self.retain, self.retain_weight)  # W's default for the method when None
-        object.__setattr__(self, "retain_weight", weight if self.retain != "none" else None)
+        check_retain(self.retain, self.retain_weight)  # a bad method or W is refused here
         if self.retain != "none" and self.engine != "dqtool":
             raise InputError(f"retain {self.retain!r} needs engine 'dqtool' (train_seg's loss cannot be extended)")
 
+    @property
+    def retain_w(self) -> float:
+        """The weight W of the retention term: ``retain_weight``, or the method's default when it is None."""
+        return check_retain(self.retain, self.retain_weight)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["retain_weight"] = self.retain_w if self.retain != "none" else None  # W given or defaulted: one identity
         d["channels"] = list(self.channels)
         if d["engine"] == "dqtool":  # the default stays out, so runs recorded before the option keep their identity
             del d["engine"]
@@ -484,7 +489,7 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
     with _rng_scope(config.seed), _mkldnn_off():
         net = build_net(init)
         optimizer = _optimizer(net, config)
-        retention = None if config.retain == "none" else Retention(config.retain, config.retain_weight, init)
+        retention = None if config.retain == "none" else Retention(config.retain, config.retain_w, init)
         start, losses = 0, np.zeros(config.n_epochs)
         if resume_state is not None:
             state = resume_state

@@ -58,10 +58,15 @@ PERTURBATIONS = ("dropout", "noise")
 #: The seed of the perturbations (dropout channels; noise per patch with ``noise_seed``): fixed, so the stored
 #: scores do not depend on the selection's ``--seed``, which only breaks ties.
 PERTURBATION_SEED = 0
-#: The ranking's scores (``dqtool.ranking.rank.SCORES``), repeated so that reading stored scores needs no torch.
+#: The ranking's scores (``dqtool.ranking.rank.SCORES``), repeated so that turning stored scores into
+#: uncertainties (:func:`patch_uncertainty`) needs no torch (finding and checking them does: the model's digest
+#: and the eval settings' versions).
 SCORES = ("adapted_rand", "nhd", "effective_invariance")
 #: Patches per call of the shared passes (bounds the predictions held at once; changes no number).
 CHUNK = 64
+#: Part of the stored scores' key: raise it when a change to the scoring code (the consistencies, the mask step,
+#: the input conversion) would give other numbers, so that scores stored by an older dqtool are recomputed.
+SCORING_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +161,7 @@ def scoring_key() -> dict:
     return {"eval": _settings().key(), "perturbations": {k: default_strength(k) for k in PERTURBATIONS},
             "dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DEFAULT_DROPOUT_DRAW, "seed": PERTURBATION_SEED,
             "input": "patch to gray, Cellpose normalize_img (ranking.rank.normalise_for_model)",
-            "noise_seed": "noise_seed(seed, patch index)"}
+            "noise_seed": "noise_seed(seed, patch index)", "scoring_version": SCORING_VERSION, "chunk": CHUNK}
 
 
 def uncertainty_group_name(model_sha256: str, key: dict) -> str:
