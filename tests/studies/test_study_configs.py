@@ -33,8 +33,11 @@ def miniature(config: dict, data_root: Path, n_train: int = 2) -> dict:
     for name, spec in mini["domains"].items():
         test = spec["test"][:1]
         every = sorted(s.name for s in open_dataset(data_root / spec["root"], format=spec.get("format")))
-        spec["train"] = [n for n in every if n not in set(spec["test"])][:n_train]
+        held = set(spec["test"]) | set(spec.get("val", []))
+        spec["train"] = [n for n in every if n not in held][:n_train]
         spec["test"] = test
+        if "val" in spec:
+            spec["val"] = spec["val"][:1]
     mini["data_root"] = str(data_root)
     mini["patch"] = {"size": 224, "stride": 224}
     mini["train"] = {**mini["train"], "n_epochs": 2, "bsize": 32, "batch_size": 4, "nimg_per_epoch": 4,
@@ -71,3 +74,22 @@ def test_real_study_config_runs_in_miniature(tmp_path):
     assert Path(split["root"]) == root / raw["domains"]["cyto"]["root"] and split["names"] == mini["domains"]["cyto"]["test"]
     copied = [p for p in (tmp_path / "study").rglob("*") if p.suffix.lower() in (".tif", ".tiff", ".xml")]
     assert not copied, copied
+
+
+def test_real_retention_config_parses_and_names_real_images_apart():
+    """studies/real_retention.json: its val splits are images of the shared folders, apart from the test splits
+    (real.json's) and so out of every train split; its finetunings run in tests/studies/test_retention_study.py."""
+    from dqtool.data.datasets import open_dataset
+    from dqtool.studies.experiment import load_config
+
+    path = STUDIES / "real_retention.json"
+    raw = json.loads(path.read_text())
+    config = load_config(path)
+    root = _data_root(path, raw)
+    real = json.loads((STUDIES / "real.json").read_text())
+    assert config["retain"] and {e["method"] for e in config["retain"]} == {"l2sp", "lwf"}
+    for name, spec in raw["domains"].items():
+        every = {s.name for s in open_dataset(root / spec["root"], format=spec.get("format"))}
+        assert set(spec["val"]) <= every and set(spec["test"]) <= every, name
+        assert not set(spec["val"]) & set(spec["test"]), name
+        assert spec["test"] == real["domains"][name]["test"]  # the real study's test splits, unchanged

@@ -8,7 +8,10 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 3. zero-shot (Table IV): the all-patches source model on every domain's test split;
 4. naive finetuning (Tables V, VI): the source model finetuned on each target (``dqtool.transfer.finetune``);
 5. replay (Table VIII): the same with a source subset at each replay rate (``dqtool.transfer.replay``);
-6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``).
+6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``);
+7. source-free retention (``retain``, issue 15): the finetunings of step 4 again with each ``--retain``
+   method and weight W (:mod:`dqtool.segmentation.retention`), scored on the test splits and on each domain's
+   ``val`` split, where W is chosen (:func:`choose_retain_weights`), never on the test split.
 
 Tables go to ``OUT/tables/*.{csv,md,json}``, the Fig. 1 plot to ``OUT/fig1_rate_curve.png`` and a
 Markdown summary to ``OUT/report.md``, rewritten after every step; :func:`run_experiment` returns the tables
@@ -20,6 +23,7 @@ embedded synthetic domains, sized for a 2-core CPU (27 min measured with nothing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -70,9 +74,13 @@ DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "targ
 #: ``zero_shot_rates`` (DQ models at these rates also scored on every domain, Table IV),
 #: ``reverse`` (targets whose from-scratch model is finetuned on the source, Table V),
 #: ``joint`` (targets trained together with the source from scratch, Table V),
-#: ``replay_random_rates`` (random replay beside the DQ one, Table VIII), ``notes`` (free text).
+#: ``replay_random_rates`` (random replay beside the DQ one, Table VIII), ``notes`` (free text),
+#: ``retain`` ([{"method": "l2sp"|"lwf", "weight": W}, ...]: the finetunings of Table V again with each).
 OPTIONAL = ("data_root", "repeat_seeds", "repeat_rates", "zero_shot_rates", "reverse", "joint",
-            "replay_random_rates", "notes", "metrics")
+            "replay_random_rates", "notes", "metrics", "retain")
+#: The rule choosing W on the validation split: the largest source F1 among the weights that keep the target
+#: F1 within this of naive finetuning's (issue 15's goal: lose at most 0.02 target F1).
+RETAIN_TOLERANCE = 0.02
 
 METHODS = ("dq", "random", "kcenter")
 
@@ -87,10 +95,11 @@ class ExperimentResult:
     zero_shot: list[dict] = field(default_factory=list)  # Table IV: the source model on every test domain
     transfer: list[dict] = field(default_factory=list)  # Tables V, VI, VIII: finetuning and replay per target
     sequences: list[dict] = field(default_factory=list)  # Table VII: after each stage of each sequence
+    retention: list[dict] = field(default_factory=list)  # issue 15: finetuning with --retain, W chosen on val
 
     def tables(self) -> dict[str, list[dict]]:
         """{table name: rows} of the tables the study filled."""
-        names = ("redundancy", "zero_shot", "transfer", "sequences")
+        names = ("redundancy", "zero_shot", "transfer", "sequences", "retention")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
 
     def to_dict(self) -> dict:
@@ -129,7 +138,22 @@ def check_config(config: dict, where: str = "config") -> dict:
         for d in config.get(key, []):
             if d not in config["targets"]:
                 raise InputError(f"{where}: {key}: {d!r} is not one of the targets {config['targets']}")
+    config["retain"] = [_retain_entry(e, where) for e in config.get("retain", [])] if "retain" in config else []
+    if not config["retain"]:
+        del config["retain"]
     return config
+
+
+def _retain_entry(entry, where: str) -> dict:
+    """One ``retain`` entry checked: {"method": "l2sp"|"lwf", "weight": W >= 0, finite}."""
+    if not isinstance(entry, dict) or set(entry) != {"method", "weight"}:
+        raise InputError(f"{where}: retain: {entry!r}: expected {{'method': 'l2sp' or 'lwf', 'weight': W}}")
+    if entry["method"] not in ("l2sp", "lwf"):
+        raise InputError(f"{where}: retain: method {entry['method']!r}: expected 'l2sp' or 'lwf'")
+    if isinstance(entry["weight"], bool) or not isinstance(entry["weight"], (int, float)):
+        raise InputError(f"{where}: retain: weight {entry['weight']!r}: expected a number")
+    TrainConfig(retain=entry["method"], retain_weight=entry["weight"])  # W >= 0 and finite, or one line
+    return {"method": entry["method"], "weight": float(entry["weight"])}
 
 
 def _domains(config: dict, out: Path, quiet: bool) -> dict[str, dict[str, Path]]:
@@ -138,7 +162,9 @@ def _domains(config: dict, out: Path, quiet: bool) -> dict[str, dict[str, Path]]
     A domain is ``{"train": DIR, "test": DIR}`` (two folders), or ``{"root": DIR, "test": [image names]}``
     (a fixed split by image of one folder: the named images are the test split, the others the train split;
     ``"train": [names]`` may be given too, and ``"format"`` names the layout). A split is written as split
-    files in ``OUT/splits/`` (:func:`dqtool.data.datasets.write_split`); no image is copied.
+    files in ``OUT/splits/`` (:func:`dqtool.data.datasets.write_split`); no image is copied. An optional
+    ``"val"`` (a folder, or image names of ``root`` kept out of the train split) is the validation split
+    on which the retention weights are chosen.
     """
     if config.get("data") == "synthetic":
         from dqtool.data.synthetic import generate
@@ -155,7 +181,8 @@ def _domains(config: dict, out: Path, quiet: bool) -> dict[str, dict[str, Path]]
         if "root" in spec:
             domains[name] = _split_domain(name, spec, base, out)
         else:
-            domains[name] = {"train": base / spec["train"], "test": base / spec["test"]}
+            domains[name] = {"train": base / spec["train"], "test": base / spec["test"],
+                             **({"val": base / spec["val"]} if "val" in spec else {})}
     for name in [config["source"], *config["targets"], *(d for s in config["sequences"] for d in s)]:
         if name not in domains:
             raise InputError(f"domain {name!r} is used but not defined in 'domains'")
@@ -171,14 +198,23 @@ def _split_domain(name: str, spec: dict, base: Path, out: Path) -> dict[str, Pat
     test = [str(n) for n in spec["test"]]
     if not isinstance(spec["test"], list) or not test:
         raise InputError(f"domain {name!r}: 'test' must list the test images by name")
-    train = [str(n) for n in spec["train"]] if "train" in spec else [n for n in every if n not in set(test)]
-    both = sorted(set(train) & set(test))
-    if both:
-        raise InputError(f"domain {name!r}: image {both[0]!r} is in both the train and the test split")
+    val = [str(n) for n in spec.get("val", [])]
+    if "val" in spec and (not isinstance(spec["val"], list) or not val):
+        raise InputError(f"domain {name!r}: 'val' must list the validation images by name")
+    held = set(test) | set(val)
+    train = [str(n) for n in spec["train"]] if "train" in spec else [n for n in every if n not in held]
+    for a, b, other in ((train, test, "test"), (train, val, "val"), (val, test, "test")):
+        both = sorted(set(a) & set(b))
+        if both:
+            first = "train" if a is train else "val"
+            raise InputError(f"domain {name!r}: image {both[0]!r} is in both the {first} and the {other} split")
     folder = out / "splits"
     folder.mkdir(parents=True, exist_ok=True)
-    return {"train": write_split(folder / f"{name}.train.json", root, train, format=fmt),
-            "test": write_split(folder / f"{name}.test.json", root, test, format=fmt)}
+    splits = {"train": write_split(folder / f"{name}.train.json", root, train, format=fmt),
+              "test": write_split(folder / f"{name}.test.json", root, test, format=fmt)}
+    if val:
+        splits["val"] = write_split(folder / f"{name}.val.json", root, val, format=fmt)
+    return splits
 
 
 def _scores_row(stage: Stage, metrics) -> dict:
@@ -251,6 +287,7 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     domains = _domains(config, out, quiet)
     caches = patch_caches(domains, config, out, quiet)
     evals = {name: str(d["test"]) for name, d in domains.items()}
+    evals_val = {name: str(d["val"]) for name, d in domains.items() if "val" in d}  # where W is chosen
     source = config["source"]
     tables: dict[str, list[dict]] = {}
 
@@ -308,12 +345,13 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     # 4-6. finetuning (both ways), joint training, replay and sequences: independent of each other once the
     # source model exists, so one task each (a target's or a sequence's from-scratch start and what begins
     # from it share one task); the tables are assembled here in the config's order
-    jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active)
+    jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active,
+                          evals_val)
     done: dict = {}
     for result in train_models(_transfer_task, jobs, cluster, desc="transfer studies", quiet=quiet,
                                resources=resources):
         done.update(result)
-    transfer_rows = []
+    transfer_rows, retain_rows, naive = [], [], {}
     for target in config["targets"]:
         ends = [(source, target, ("finetune", target))]
         if target in config.get("reverse", []):  # Table V's other way: the target's scratch model onto the source
@@ -322,6 +360,13 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
             for stage in done[key].stages:
                 transfer_rows.append({"target": target, "model": f"{start} model" if stage.name == "init" else
                                       f"naive finetune {start} -> {end}", **_scores_row(stage, metrics)})
+            naive[(start, end)] = transfer_rows[-1]
+            for entry in config.get("retain", []):
+                stage = done[(*key, entry["method"], entry["weight"])].stages[-1]
+                retain_rows.append({"target": target, "start": start, "end": end, "method": entry["method"],
+                                    "weight": entry["weight"], **_scores_row(stage, metrics)})
+                transfer_rows.append({"target": target, "model": f"finetune + {entry['method']} "
+                                      f"{entry['weight']:g} {start} -> {end}", **_scores_row(stage, metrics)})
         if target in config.get("joint", []):
             transfer_rows.append({"target": target, "model": f"joint {source} + {target}",
                                   **_scores_row(done[("joint", target)], metrics)})
@@ -330,6 +375,9 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
                                   **_scores_row(done[("replay", target, method, rate)].stages[-1], metrics)})
     if transfer_rows:
         tables["transfer"] = transfer_rows
+    if retain_rows:
+        tables["retention"] = choose_retain_weights(retain_rows, naive, metrics[1] if len(metrics) > 1
+                                                    else metrics[0])
     seq_rows = []
     for k, path in enumerate(config["sequences"]):
         for stage in done[("sequence", k)].stages:
@@ -426,25 +474,39 @@ def _transfer_task(job: _TransferJob) -> dict:
             results[key] = stage
         else:
             func = {"finetune": finetune, "replay": replay, "sequence": sequence}[what]
-            results[key] = func(config=job.config, resume=True, quiet=job.quiet, **kwargs)
+            config = kwargs.pop("config", job.config)  # a retention call's own; the scratch model is job.config's
+            results[key] = func(config=config, resume=True, quiet=job.quiet, **kwargs)
     return results
 
 
 def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: TrainConfig, source_model: Path,
-                   metrics: tuple, quiet: bool) -> list[_TransferJob]:
-    """The tasks of steps 4-6, the longest first (so that the last to start is a short one)."""
+                   metrics: tuple, quiet: bool, evals_val: dict | None = None) -> list[_TransferJob]:
+    """The tasks of steps 4-7, the longest first (so that the last to start is a short one)."""
     source = config["source"]
     common = {"caches": caches, "out": out, "config": tconf, "quiet": quiet}
     single: list[_TransferJob] = []
     starts: dict[str, list] = {}  # a non-source domain -> the calls that start from its scratch model
+    retain = config.get("retain", [])
     for target in config["targets"]:
         pair = {source: evals[source], target: evals[target]}
+        if retain:  # the finetunings with and without retention are also scored where W is chosen
+            pair.update({f"{d}_val": evals_val[d] for d in (source, target) if d in (evals_val or {})})
         single.append(_TransferJob([(("finetune", target), "finetune", {
             "init": source_model, "target": caches[target], "out_dir": out / f"finetune_{target}", "evals": pair})],
             **common))
+        for entry in retain:
+            m, w = entry["method"], entry["weight"]
+            single.append(_TransferJob([(("finetune", target, m, w), "finetune", {
+                "init": source_model, "target": caches[target], "out_dir": out / f"finetune_{target}_{m}_{w:g}",
+                "evals": pair, "config": dataclasses.replace(tconf, retain=m, retain_weight=w)})], **common))
         if target in config.get("reverse", []):
             starts.setdefault(target, []).append((("reverse", target), "finetune", {
                 "target": caches[source], "out_dir": out / f"finetune_{target}_to_{source}", "evals": pair}))
+            for entry in retain:
+                m, w = entry["method"], entry["weight"]
+                starts[target].append((("reverse", target, m, w), "finetune", {
+                    "target": caches[source], "out_dir": out / f"finetune_{target}_to_{source}_{m}_{w:g}",
+                    "evals": pair, "config": dataclasses.replace(tconf, retain=m, retain_weight=w)}))
         if target in config.get("joint", []):
             single.append(_TransferJob([(("joint", target), "joint", {
                 "source": source, "target": target, "evals": pair, "metrics": metrics})], **common))
@@ -469,6 +531,38 @@ def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: Tr
             starts.setdefault(path[0], []).append(call)
     jobs = single + [_TransferJob(calls, scratch=domain, **common) for domain, calls in starts.items()]
     return sorted(jobs, key=lambda j: -j.trainings)  # stable: equal lengths keep the config's order
+
+
+def choose_retain_weights(rows: list[dict], naive: dict, metric: str, tolerance: float = RETAIN_TOLERANCE) -> list[dict]:
+    """The retention rows with W chosen per (start, end, method) on the validation splits, never the test ones.
+
+    For finetuning ``start -> end`` with a method, among its weights W: those with
+    ``val_end(W) >= val_end(naive) - tolerance`` (the target kept within ``tolerance`` of naive finetuning's), the
+    one of largest ``val_start(W)`` (the source best kept; ties: the smaller W); if none keeps the target, the one
+    of largest ``val_end(W)``. ``val_d`` is the row's ``"<d>_val <metric>"``; ``naive[(start, end)]`` the naive
+    finetuning's row. Each row gets ``chosen`` (True/False; None where a domain has no val split) and the naive
+    row's validation scores beside its own.
+    """
+    out = [dict(r) for r in rows]
+    groups: dict = {}
+    for r in out:
+        groups.setdefault((r["start"], r["end"], r["method"]), []).append(r)
+    for (start, end, _), group in groups.items():
+        base = naive.get((start, end), {})
+        src, tgt = f"{start}_val {metric}", f"{end}_val {metric}"
+        for r in group:
+            r[f"naive {src}"], r[f"naive {tgt}"] = base.get(src, float("nan")), base.get(tgt, float("nan"))
+        values = [(r.get(src, float("nan")), r.get(tgt, float("nan"))) for r in group]
+        if not values or any(np.isnan(v) for pair in values for v in pair) or np.isnan(base.get(tgt, float("nan"))):
+            for r in group:
+                r["chosen"] = None
+            continue
+        keep = [i for i, (_, t) in enumerate(values) if t >= base[tgt] - tolerance]
+        order = sorted(keep, key=lambda i: (-values[i][0], group[i]["weight"])) if keep else \
+            sorted(range(len(group)), key=lambda i: (-values[i][1], group[i]["weight"]))
+        for i, r in enumerate(group):
+            r["chosen"] = i == order[0]
+    return out
 
 
 def _selection(cache: Path, n: int, method: str, rate: float, seed: int) -> np.ndarray:
@@ -546,7 +640,9 @@ def _report(out: Path, tables: dict, config: dict) -> Path:
               "zero_shot": "Zero-shot (Table IV)",
               "transfer": "Source model, naive finetuning (both ways), joint training and replay on each target "
                           "(Tables V, VI, VIII)",
-              "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md"}
+              "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md",
+              "retention": "Finetuning without the source data (--retain), W chosen on the validation splits "
+                           f"(target kept within {RETAIN_TOLERANCE} of naive finetuning, then the best source)"}
     for name, rows in tables.items():
         parts.append(f"\n## {titles.get(name, name)}\n\n" + format_markdown(rows))
     return atomic_write_text(out / "report.md", "".join(parts))
