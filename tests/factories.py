@@ -75,6 +75,18 @@ def disc_images(n_images=2, size=128, n_cells=24, radius=(5.0, 8.0), seed=0):
     return images, labels
 
 
+def disc_folder(folder, n_images, size=64, n_cells=5, radius=(4.0, 6.0), seed=0):
+    """``folder`` (created) in Cellpose's layout, ``NNN_img.png`` and ``NNN_masks.png``, of :func:`disc_images`."""
+    from dqtool.data.io import write_image_png
+
+    folder.mkdir(parents=True)
+    images, labels = disc_images(n_images=n_images, size=size, n_cells=n_cells, radius=radius, seed=seed)
+    for i, (im, lb) in enumerate(zip(images, labels)):
+        write_image_png(folder / f"{i:03d}_img.png", im)
+        write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+    return folder
+
+
 def blob_image(seed, size=64):
     """Six Gaussian blobs in [0, 1] (float32): a soft fluorescence-like image."""
     rng = np.random.default_rng(seed)

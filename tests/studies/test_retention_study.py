@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from dqtool.common.errors import InputError
-from dqtool.data.io import write_image_png
 from dqtool.studies.experiment import check_config, choose_retain_weights
 from dqtool_cli.main import cli
-from factories import disc_images
+from factories import disc_folder
 
 TRAIN = {"n_epochs": 4, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}
 METRIC = "f1@0.50"
@@ -71,12 +69,7 @@ def study(tmp_path_factory):
     domains = {}
     for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 5)):
         for split, (n, s) in {"train": (2, seed), "val": (1, seed + 1), "test": (1, seed + 2)}.items():
-            folder = root / name / split
-            folder.mkdir(parents=True)
-            images, labels = disc_images(n_images=n, size=64, n_cells=5, radius=radius, seed=s)
-            for i, (im, lb) in enumerate(zip(images, labels)):
-                write_image_png(folder / f"{i:03d}_img.png", im)
-                write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+            disc_folder(root / name / split, n, n_cells=5, radius=radius, seed=s)
         domains[name] = {"train": str(root / name / "train"), "val": str(root / name / "val"),
                          "test": str(root / name / "test")}
     config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],

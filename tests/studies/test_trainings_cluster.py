@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from dqtool.common.errors import InputError
-from dqtool.data.io import write_image_png
 from dqtool_cli.main import cli
-from factories import disc_images
+from factories import disc_folder
 
 TRAIN = {"n_epochs": 2, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}
 
@@ -29,12 +27,7 @@ def config(tmp_path_factory):
     """One tiny domain (train and test folders of disc images) and a study of three redundancy models."""
     root = tmp_path_factory.mktemp("trainings")
     for split, (n, seed) in {"train": (2, 1), "test": (2, 2)}.items():
-        folder = root / "small" / split
-        folder.mkdir(parents=True)
-        images, labels = disc_images(n_images=n, size=64, n_cells=6, radius=(4.0, 6.0), seed=seed)
-        for i, (im, lb) in enumerate(zip(images, labels)):
-            write_image_png(folder / f"{i:03d}_img.png", im)
-            write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+        disc_folder(root / "small" / split, n, n_cells=6, radius=(4.0, 6.0), seed=seed)
     config = {"domains": {"small": {"train": str(root / "small" / "train"), "test": str(root / "small")}},
               "patch": {"size": 32, "stride": 32}, "source": "small", "targets": [], "rates": [0.25, 0.5],
               "methods": ["random"], "sequences": [], "train": TRAIN}
@@ -79,12 +72,7 @@ def transfer_config(tmp_path_factory):
     domains = {}
     for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 3)):
         for split, (n, s) in {"train": (2, seed), "test": (1, seed + 1)}.items():
-            folder = root / name / split
-            folder.mkdir(parents=True)
-            images, labels = disc_images(n_images=n, size=64, n_cells=5, radius=radius, seed=s)
-            for i, (im, lb) in enumerate(zip(images, labels)):
-                write_image_png(folder / f"{i:03d}_img.png", im)
-                write_image_png(folder / f"{i:03d}_masks.png", lb.astype(np.uint16))
+            disc_folder(root / name / split, n, n_cells=5, radius=radius, seed=s)
         domains[name] = {"train": str(root / name / "train"), "test": str(root / name / "test")}
     config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],
               "rates": [0.5], "methods": ["random"], "reverse": ["big"], "joint": ["big"], "replay_method": "random",
