@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -61,6 +62,36 @@ def test_the_first_failing_task_raises_its_own_error(dask_client):
                  lambda: list(iter_tasks(_slow_square, [1, 99, 2], client=dask_client, quiet=True))):
         with pytest.raises(InputError, match="item 99: bad input"):
             call()
+
+
+def _write_then_read(item):
+    """item ("write", path): wait, then write the file; ("read", path): read it (fails if it is not there yet)."""
+    what, path = item
+    if what == "write":
+        time.sleep(1.5)  # the other worker is idle all this time: only the dependency keeps the reader waiting
+        Path(path).write_text("done")
+        return "wrote"
+    return Path(path).read_text()
+
+
+def test_a_task_waits_for_the_tasks_it_reads_from(dask_client, tmp_path):
+    """``after``: the reader starts only when its writer has finished, on a 2-worker cluster where it could
+    start at once; serially the order of the items already is the order of the work."""
+    items = [("write", str(tmp_path / "a")), ("read", str(tmp_path / "a")), ("write", str(tmp_path / "b")),
+             ("read", str(tmp_path / "b"))]
+    assert run_tasks(_write_then_read, items, client=dask_client, quiet=True, after=[(), (0,), (), (2,)]) == \
+        ["wrote", "done", "wrote", "done"]
+    for f in ("a", "b"):
+        (tmp_path / f).unlink()
+    assert run_tasks(_write_then_read, items, quiet=True, after=[(), (0,), (), (2,)]) == ["wrote", "done"] * 2
+    for after, message in (([(), (1,), (), ()], r"after\[1\] = \[1\]"), ([(), (0,)], "2 entries for 4 items")):
+        with pytest.raises(ValueError, match=message):
+            run_tasks(_write_then_read, items, quiet=True, after=after)
+
+
+def test_a_failing_dependency_fails_the_call_with_its_own_error(dask_client):
+    with pytest.raises(InputError, match="item 99: bad input"):
+        run_tasks(_slow_square, [99, 2, 3], client=dask_client, quiet=True, after=[(), (0,), (1,)])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -95,6 +95,40 @@ def test_finetune_evaluates_every_stage(world, tmp_path):
                  quiet=True)
 
 
+def test_a_model_scored_on_a_split_elsewhere_is_not_scored_again(world, tmp_path, monkeypatch):
+    """``known``: a record of the same model file on the same split, under another stage name in another
+    study's folder, is reused (copied into this stage's own record); a different model file is evaluated."""
+    import shutil
+
+    from dqtool.segmentation import transfer
+
+    evals = {"small": str(world["small_test"])}
+    first = Stage(name="all_1", model=world["model"])
+    transfer.score_stage(first, evals, tmp_path / "a", (0, 0))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(transfer, "evaluate_model", refuse)
+    again = Stage(name="init", model=world["model"])
+    transfer.score_stage(again, evals, tmp_path / "b", (0, 0), known=[tmp_path / "a" / "evals"])
+    assert again.scores == first.scores and again.stds == first.stds
+    record = json.loads((tmp_path / "b" / "evals" / "init__small.json").read_text())
+    assert record["summary"] == json.loads((tmp_path / "a" / "evals" / "all_1__small.json").read_text())["summary"]
+    # the same file under another path is the same model; another file is not
+    shutil.copy(world["model"], tmp_path / "copy")
+    transfer.score_stage(Stage(name="copy", model=tmp_path / "copy"), evals, tmp_path / "c", (0, 0),
+                         known=[tmp_path / "a" / "evals"])
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    build_net(None).save_model(str(other))
+    with pytest.raises(AssertionError, match="evaluated again"):
+        transfer.score_stage(Stage(name="other", model=other), evals, tmp_path / "d", (0, 0),
+                             known=[tmp_path / "a" / "evals", tmp_path / "b" / "evals"])
+    with pytest.raises(AssertionError, match="evaluated again"):  # nothing known: evaluated
+        transfer.score_stage(Stage(name="init", model=world["model"]), evals, tmp_path / "e", (0, 0))
+
+
 def test_replay_mixes_a_source_subset_into_the_target(world, tmp_path):
     from dqtool.data.cache import PatchCache
 
@@ -194,7 +228,7 @@ def test_cli_sequence_and_finetune(world, tmp_path):
     assert res.exit_code == 2
 
 
-def test_experiment_runs_a_micro_study(world, tmp_path):
+def test_experiment_runs_a_micro_study(world, tmp_path, monkeypatch):
     """The whole chain on two tiny domains (random selection, so no feature training)."""
 
     config = {"domains": {"small": {"train": str(world["small_test"] / "test"), "test": str(world["small_test"])},
@@ -205,11 +239,26 @@ def test_experiment_runs_a_micro_study(world, tmp_path):
               "train": {"n_epochs": 2, "bsize": 32, "batch_size": 4, "min_train_masks": 1, "save_every": 50}}
     cfg = tmp_path / "study.json"
     cfg.write_text(json.dumps(config))
+    from dqtool.common.files import file_sha256
+    from dqtool.segmentation import transfer as transfer_module
     from dqtool_cli.main import cli
 
+    scored, evaluate = [], transfer_module.evaluate_model
+
+    def counted(model, test_dir, *args, **kwargs):
+        scored.append((file_sha256(model), str(test_dir)))
+        return evaluate(model, test_dir, *args, **kwargs)
+
+    monkeypatch.setattr(transfer_module, "evaluate_model", counted)
     res = CliRunner().invoke(cli, ["experiment", str(cfg), "--out", str(tmp_path / "study"), "--quiet"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "study"
+    # every model file is scored once per test split: the source model's records (its own task scores it on
+    # every domain) serve zero-shot and the init stage of the finetuning, the replay and the sequence
+    assert len(scored) == len(set(scored)), scored
+    source_sha = file_sha256(out / "models" / "redundancy" / "small_all_1")
+    assert sorted(t for sha, t in scored if sha == source_sha) == sorted(
+        [str(world["small_test"]), str(world["large_test"])])
     red = json.loads((out / "tables" / "redundancy.json").read_text())
     assert [(r["method"], r["rate"]) for r in red] == [("all", 1.0), ("random", 0.5)]
     assert red[1]["patches"] == red[0]["patches"] // 2

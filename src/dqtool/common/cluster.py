@@ -185,8 +185,9 @@ def connect(cluster: Cluster | None, quiet: bool = False) -> Iterator[Cluster]:
         yield replace(cluster, client=client)
 
 
-def _task(fn: Callable[[T], R], kind: str, item: T) -> R:
-    """Run one task on a worker (the test-only death hook first)."""
+def _task(fn: Callable[[T], R], kind: str, item: T, *after: Any) -> R:
+    """Run one task on a worker (the test-only death hook first). ``after``: the results of the tasks it
+    waited for (Dask hands them over; the task reads what they wrote from shared storage instead)."""
     hook = os.environ.get(_DIE_ENV)
     if hook:
         name, _, flag = hook.partition(":")
@@ -203,8 +204,13 @@ def _task(fn: Callable[[T], R], kind: str, item: T) -> R:
 
 def run_tasks(fn: Callable[[T], R], items: Sequence[T], cluster: Cluster | None = None, *, kind: str = "task",
               desc: str = "", quiet: bool = False, unit: str = "task", resources: dict | None = None,
-              client: Any = None) -> list[R]:
+              client: Any = None, after: Sequence[Sequence[int]] | None = None) -> list[R]:
     """``[fn(item) for item in items]``, serially or as Dask tasks; results in the order of ``items``.
+
+    ``after[i]``: indices (all < i) of the tasks item ``i`` needs finished first (it reads a file they
+    write). Dask gets them as the task's dependencies (its futures passed to the task), so a task starts as
+    soon as its own inputs exist, not when a whole batch is done; free workers take the ready task earliest
+    in ``items`` (Dask priorities). Serially the items run in their order, which already respects ``after``.
 
     ``fn`` must be a module-level function (or a ``functools.partial`` of one) whose arguments pickle;
     ``kind`` names the task in Dask's keys, in the dashboard and in the test-only death hook. The first
@@ -212,16 +218,23 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], cluster: Cluster | None 
     ``client`` reuses an open client (several calls under one cluster) instead of starting one.
     """
     items = list(items)
+    if after is not None:
+        after = [tuple(int(j) for j in deps) for deps in after]
+        if len(after) != len(items):
+            raise ValueError(f"after: {len(after)} entries for {len(items)} items")
+        for i, deps in enumerate(after):
+            if any(not 0 <= j < i for j in deps):
+                raise ValueError(f"after[{i}] = {list(deps)}: a task waits only for tasks before it")
     client = client if client is not None else getattr(cluster, "client", None)
     if client is None and (cluster is None or not cluster.active):
         return [fn(item) for item in progress(items, total=len(items), desc=desc, quiet=quiet, unit=unit)]
     if client is not None:
-        return _map_ordered(client, fn, items, kind, desc, quiet, unit, resources)
+        return _map_ordered(client, fn, items, kind, desc, quiet, unit, resources, after)
     with client_for(cluster, quiet=quiet) as c:
-        return _map_ordered(c, fn, items, kind, desc, quiet, unit, resources)
+        return _map_ordered(c, fn, items, kind, desc, quiet, unit, resources, after)
 
 
-def _map_ordered(client, fn, items, kind, desc, quiet, unit, resources) -> list:
+def _map_ordered(client, fn, items, kind, desc, quiet, unit, resources, after=None) -> list:
     from distributed import as_completed
 
     if not items:
@@ -230,8 +243,14 @@ def _map_ordered(client, fn, items, kind, desc, quiet, unit, resources) -> list:
     # then handed the new call the old call's results (still in memory) for the keys they shared
     token = uuid.uuid4().hex[:12]
     keys = [f"dqtool-{kind}-{token}-{i}" for i in range(len(items))]
-    futures = client.map(_task, [fn] * len(items), [kind] * len(items), items, key=keys, pure=False,
-                         resources=resources)
+    if after is None:
+        futures = client.map(_task, [fn] * len(items), [kind] * len(items), items, key=keys, pure=False,
+                             resources=resources)
+    else:  # one submit each: its dependencies' futures as arguments, the earlier item the higher priority
+        futures = []
+        for i, item in enumerate(items):
+            futures.append(client.submit(_task, fn, kind, item, *(futures[j] for j in after[i]), key=keys[i],
+                                         pure=False, resources=resources, priority=len(items) - i))
     position = {f.key: i for i, f in enumerate(futures)}
     results: list = [None] * len(items)
     pbar = bar(len(items), desc=desc, quiet=quiet, unit=unit)

@@ -96,9 +96,28 @@ def _eval_key(model: Path, test_dir: str | os.PathLike, channels) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _known_summary(folders: Sequence[Path], key: str) -> dict | None:
+    """The summary of an evaluation record with ``key`` in any of ``folders`` (read only), or None."""
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*__*.json")):
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):  # a record being replaced, or not one of ours: not a match
+                continue
+            if isinstance(old, dict) and old.get("key") == key and isinstance(old.get("summary"), dict):
+                return old["summary"]
+    return None
+
+
 def score_stage(stage: Stage, evals: Mapping[str, str], out_dir: Path, channels, metrics=DEFAULT_METRICS,
-                quiet: bool = True) -> dict:
-    """Evaluate a stage's model on every test domain (cached in ``out_dir/evals``), fill ``stage.scores``."""
+                quiet: bool = True, known: Sequence[str | os.PathLike] = ()) -> dict:
+    """Evaluate a stage's model on every test domain (cached in ``out_dir/evals``), fill ``stage.scores``.
+
+    A record's key is (model file sha256, test split, channels): the same model file scored on the same
+    split, under any stage name, in ``out_dir/evals`` or in one of the ``known`` evaluation folders (read
+    only: another study's, written before this one started), is not evaluated again; its summary is copied
+    into this stage's own record.
+    """
     folder = out_dir / "evals"
     folder.mkdir(parents=True, exist_ok=True)
     for domain, test_dir in evals.items():
@@ -107,13 +126,15 @@ def score_stage(stage: Stage, evals: Mapping[str, str], out_dir: Path, channels,
         row = None
         if record.exists():
             old = json.loads(record.read_text())
-            # JSON keeps a NaN mean or std (one test image, no cell) as null: read it back as NaN, so a
-            # rerun writes the tables of the first run byte for byte
-            row = ({k: float("nan") if v is None else v for k, v in old["summary"].items()}
-                   if old.get("key") == key else None)
+            row = old["summary"] if old.get("key") == key else None
+        if row is None and (row := _known_summary([folder, *map(Path, known)], key)) is not None:
+            write_json(record, {"key": key, "model": str(stage.model), "test_dir": str(test_dir), "summary": row})
         if row is None:
             row = evaluate_model(stage.model, test_dir, domain, channels, quiet=quiet)
             write_json(record, {"key": key, "model": str(stage.model), "test_dir": str(test_dir), "summary": row})
+        # JSON keeps a NaN mean or std (one test image, no cell) as null: read it back as NaN, so a
+        # rerun writes the tables of the first run byte for byte
+        row = {k: float("nan") if v is None else v for k, v in row.items()}
         missing = [m for m in metrics if f"{m}_mean" not in row]
         if missing:
             raise InputError(f"metric {missing[0]!r} is not in the evaluation summary (have "
@@ -251,11 +272,12 @@ def _cache_info(path: str | os.PathLike) -> dict:
 
 def _run_stages(out_dir: Path, plan: list[tuple[str, object]], evals: dict, config: TrainConfig,
                 init: str | None, resume: bool, quiet: bool, metrics=DEFAULT_METRICS,
-                title: str = "forgetting matrix") -> TransferResult:
+                title: str = "forgetting matrix", known_evals: Sequence[str | os.PathLike] = ()) -> TransferResult:
     """Run ``plan`` [(name, None | callable(previous_model) -> (images, labels, provenance))] in order.
 
     A stage with None is the given ``init`` model, evaluated only. After each stage: evaluate, rewrite the
-    forgetting matrix.
+    forgetting matrix. ``known_evals``: evaluation folders of other studies whose records of the same model
+    file on the same split are reused (:func:`score_stage`).
     """
     models = out_dir / "models"
     models.mkdir(exist_ok=True)
@@ -276,7 +298,7 @@ def _run_stages(out_dir: Path, plan: list[tuple[str, object]], evals: dict, conf
                                    resume=resume, quiet=quiet)
             stage = Stage(name=name, model=model, train=result)
         if evals:
-            score_stage(stage, evals, out_dir, config.channels, metrics, quiet=quiet)
+            score_stage(stage, evals, out_dir, config.channels, metrics, quiet=quiet, known=known_evals)
         stages.append(stage)
         previous = str(stage.model)
         if evals:
@@ -300,8 +322,13 @@ def _patches(cache: str | os.PathLike, config: TrainConfig, indices=None):
 @_one_writer("finetune")
 def finetune(init: str | os.PathLike, target: str | os.PathLike, out_dir: str | os.PathLike,
              subset: str | os.PathLike | None = None, evals: Mapping[str, str] | None = None,
-             config: TrainConfig | None = None, resume: bool = False, quiet: bool = False) -> TransferResult:
-    """Naive finetuning (Tables V, VI): stages "init" (the given model) and "finetune" (trained on ``target``)."""
+             config: TrainConfig | None = None, resume: bool = False, quiet: bool = False,
+             known_evals: Sequence[str | os.PathLike] = ()) -> TransferResult:
+    """Naive finetuning (Tables V, VI): stages "init" (the given model) and "finetune" (trained on ``target``).
+
+    ``known_evals`` (every study entry point): folders of evaluation records written earlier (another
+    study's ``evals/``), read only; a stage whose model file and test split are scored there is not
+    evaluated again (a study's source model, the ``init`` of many finetunings)."""
     config = config or TrainConfig()
     load_state_dict(init)
     evals = _check_evals(evals)
@@ -317,7 +344,8 @@ def finetune(init: str | os.PathLike, target: str | os.PathLike, out_dir: str | 
         return images, labels, provenance
 
     plan = [("init", None), ("finetune", data)]
-    return _run_stages(out_dir, plan, evals, config, str(init), resume, quiet, title="naive finetuning")
+    return _run_stages(out_dir, plan, evals, config, str(init), resume, quiet, title="naive finetuning",
+                       known_evals=known_evals)
 
 
 def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int, out_dir: Path,
@@ -368,7 +396,7 @@ def source_subset(source: str | os.PathLike, rate: float, method: str, seed: int
 def replay(init: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike,
            out_dir: str | os.PathLike, source_rate: float = 0.05, source_method: str = "dq",
            evals: Mapping[str, str] | None = None, config: TrainConfig | None = None, resume: bool = False,
-           quiet: bool = False) -> TransferResult:
+           quiet: bool = False, known_evals: Sequence[str | os.PathLike] = ()) -> TransferResult:
     """Replay (Table VIII): finetune ``init`` on all of ``target`` plus the source subset at ``source_rate``."""
     config = config or TrainConfig()
     if not 0 < source_rate <= 1:
@@ -391,13 +419,14 @@ def replay(init: str | os.PathLike, source: str | os.PathLike, target: str | os.
 
     plan = [("init", None), (f"replay_{source_method}_{source_rate:g}", data)]
     return _run_stages(out_dir, plan, evals, config, str(init), resume, quiet,
-                       title=f"replay ({source_method}, source rate {source_rate:g})")
+                       title=f"replay ({source_method}, source rate {source_rate:g})", known_evals=known_evals)
 
 
 @_one_writer("sequence")
 def sequence(caches: Sequence[str | os.PathLike], out_dir: str | os.PathLike, init: str | os.PathLike | None = None,
              evals: Mapping[str, str] | None = None, config: TrainConfig | None = None, resume: bool = False,
-             names: Sequence[str] | None = None, quiet: bool = False) -> TransferResult:
+             names: Sequence[str] | None = None, quiet: bool = False,
+             known_evals: Sequence[str | os.PathLike] = ()) -> TransferResult:
     """Sequential transfer (Table VII): train on ``caches[0]``, then continue on ``caches[1]``, ...;
     a model after each stage (``models/NN_<name>``), evaluated on every test domain. ``config.retain``
     applies to every stage that starts from a model (without ``init`` the first stage trains without it)."""
@@ -416,4 +445,4 @@ def sequence(caches: Sequence[str | os.PathLike], out_dir: str | os.PathLike, in
     plan = [("init", None)] if init is not None else []
     plan += [(name, (lambda c=c: _patches(c, config))) for name, c in zip(names, caches)]
     return _run_stages(out_dir, plan, evals, config, str(init) if init else None, resume, quiet,
-                       title="sequential transfer: " + " -> ".join(names))
+                       title="sequential transfer: " + " -> ".join(names), known_evals=known_evals)

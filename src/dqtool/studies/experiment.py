@@ -251,11 +251,13 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
     """Run the study (``quick``: the built-in :data:`QUICK` config); writes the tables, Fig. 1 and
     ``report.md`` and returns them as an :class:`ExperimentResult`.
 
-    ``cluster`` (``--workers``/``--scheduler``): the redundancy models train (and are scored) as one Dask
-    task each, then steps 4-6 as one task per finetuning, joint model, replay and sequence (a non-source
-    domain's from-scratch model and every run that starts from it share one task), each asking for
-    ``train_resources`` (e.g. ``"GPU=1"``); the models and tables are the serial run's with one torch
-    thread (:mod:`dqtool.studies.trainings`)."""
+    ``cluster`` (``--workers``/``--scheduler``): every training is a Dask task, in one batch: each redundancy
+    model (trained and scored; the zero-shot ones on every domain), and one task per finetuning, joint
+    model, replay and sequence (a non-source domain's from-scratch model and every run that starts from it
+    share one task). A task that starts from the all-patches source model waits for that task only (a Dask
+    dependency) and reuses its evaluation records; each task asks for ``train_resources`` (e.g.
+    ``"GPU=1"``); the models and tables are the serial run's with one torch thread
+    (:mod:`dqtool.studies.trainings`)."""
     if quick:
         config = dict(QUICK)
     elif config is None:
@@ -303,25 +305,45 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     runs = [("all", 1.0, tconf.seed)] + [(m, float(r), tconf.seed) for r in config["rates"] for m in config["methods"]]
     runs += [(m, float(r), int(k)) for k in config.get("repeat_seeds", []) for r in config.get("repeat_rates", [])
              for m in config["methods"]]
-    rows, source_model, models = [], None, {}
-    jobs = []  # the redundancy models are independent: selected here, trained (and scored) as one batch
+    zero_shot = {("all", 1.0)} | {("dq", float(r)) for r in config.get("zero_shot_rates", [])}
+    evals_all = {**evals, **({f"{d}_val": v for d, v in evals_val.items()} if config.get("retain") else {})}
+    red_jobs = []  # the redundancy models are independent: selected here, trained (and scored) as tasks
     for method, rate, seed in runs:
         indices = _selection(caches[source], n_source, method, rate, seed)
         name = f"{source}_{method}_{rate:g}" + (f"_seed{seed}" if seed != tconf.seed else "")
         model = out / "models" / "redundancy" / name
         run_conf = tconf if seed == tconf.seed else TrainConfig(**{**tconf.to_dict(), "seed": seed})
-        jobs.append(_RedundancyJob(cache=str(caches[source]), indices=indices, model=model, config=run_conf,
-                                   provenance={"method": method, "rate": rate, "selection_seed": seed},
-                                   stage=name.removeprefix(f"{source}_"), evals={source: evals[source]},
-                                   eval_dir=out / "models" / "redundancy", metrics=metrics,
-                                   quiet=quiet or cluster.active))
-    for (method, rate, seed), job, (result, scores, stds) in zip(runs, jobs, _train_redundancy(jobs, cluster, quiet,
-                                                                                                 resources)):
+        # a zero-shot model (Table IV) is scored on every domain in its own task; the all-patches one also
+        # on the validation splits: every finetuning that starts from it reuses these records
+        scored_on = ({source: evals[source]} if seed != tconf.seed or (method, rate) not in zero_shot
+                     else evals_all if method == "all" else evals)
+        red_jobs.append(_RedundancyJob(cache=str(caches[source]), indices=indices, model=model, config=run_conf,
+                                       provenance={"method": method, "rate": rate, "selection_seed": seed},
+                                       stage=name.removeprefix(f"{source}_"), evals=scored_on,
+                                       eval_dir=out / "models" / "redundancy", metrics=metrics,
+                                       quiet=quiet or cluster.active))
+    source_model = red_jobs[0].model
+
+    # 4-6. finetuning (both ways), joint training, replay and sequences: independent of each other once the
+    # source model exists, so one task each (a target's or a sequence's from-scratch start and what begins
+    # from it share one task). All tasks go out as one batch: the source model first, then the transfer
+    # tasks (longest first), each waiting only for the source model if it starts from it, then the other
+    # redundancy models; the tables are assembled here in the config's order
+    transfer_jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active,
+                                   evals_val)
+    batch = [red_jobs[0], *transfer_jobs, *red_jobs[1:]]
+    after = [()] + [(0,) if job.starts_from(source_model) else () for job in transfer_jobs]
+    after += [()] * (len(red_jobs) - 1)
+    results = train_models(_study_task, batch, cluster, desc="study models", quiet=quiet, resources=resources,
+                           after=after)
+    red_results = [results[0], *results[1 + len(transfer_jobs):]]
+
+    # 2. redundancy curve on the source (Table I, Fig. 1)
+    rows, models = [], {}
+    for (method, rate, seed), job, (result, scores, stds) in zip(runs, red_jobs, red_results):
         rows.append({"domain": source, "method": method, "rate": rate, "seed": seed, "patches": int(job.indices.size),
                      "trained_on": result.n_patches, **_with_std(scores[source], stds[source])})
         models[(method, rate, seed)] = job.model
-        if method == "all":
-            source_model = job.model
     tables["redundancy"] = rows
     if config.get("repeat_seeds"):
         tables["redundancy_seeds"] = _seed_spread(rows, metrics)
@@ -331,7 +353,8 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     plot_rate_curve([r for r in rows if r["seed"] == tconf.seed], out / "fig1_rate_curve.png", metric,
                     full[metric], source)
 
-    # 3. zero-shot: the all-patches source model (and DQ models at zero_shot_rates) on every domain
+    # 3. zero-shot: the all-patches source model (and DQ models at zero_shot_rates) on every domain, from the
+    # records their tasks wrote
     zero_rows = []
     for label, model in [(f"{source} (all patches)", source_model)] + [
             (f"{source} (DQ {r:g})", models[("dq", float(r), tconf.seed)]) for r in config.get("zero_shot_rates", [])
@@ -342,14 +365,8 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     tables["zero_shot"] = zero_rows
     _emit(out, tables, config)
 
-    # 4-6. finetuning (both ways), joint training, replay and sequences: independent of each other once the
-    # source model exists, so one task each (a target's or a sequence's from-scratch start and what begins
-    # from it share one task); the tables are assembled here in the config's order
-    jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active,
-                          evals_val)
     done: dict = {}
-    for result in train_models(_transfer_task, jobs, cluster, desc="transfer studies", quiet=quiet,
-                               resources=resources):
+    for result in results[1:1 + len(transfer_jobs)]:
         done.update(result)
     transfer_rows, retain_rows, naive = [], [], {}
     for target in config["targets"]:
@@ -423,12 +440,6 @@ def _train_redundancy_model(job: _RedundancyJob) -> tuple:
     return result, stage.scores, stage.stds
 
 
-def _train_redundancy(jobs: list, cluster: Cluster, quiet: bool, resources: dict | None) -> list:
-    """Train and score the redundancy models: in order, or one Dask task each on ``cluster``."""
-    return train_models(_train_redundancy_model, jobs, cluster, desc="redundancy models", quiet=quiet,
-                        resources=resources)
-
-
 def _replays(config: dict) -> list[tuple[str, float]]:
     """(method, rate) of every replay run on each target: the config's method, then random (Table VIII)."""
     return ([(config["replay_method"], float(r)) for r in config["replay_rates"]]
@@ -450,6 +461,11 @@ class _TransferJob:
     out: Path = Path(".")
     config: TrainConfig | None = None
     quiet: bool = True
+    known_evals: tuple = ()  # evaluation folders written before the task starts (the source model's records)
+
+    def starts_from(self, model: Path) -> bool:
+        """Whether a call of this task starts from ``model`` (so the task waits until it exists)."""
+        return any(kwargs.get("init") == model for _, _, kwargs in self.calls)
 
     @property
     def trainings(self) -> int:
@@ -475,15 +491,21 @@ def _transfer_task(job: _TransferJob) -> dict:
         else:
             func = {"finetune": finetune, "replay": replay, "sequence": sequence}[what]
             config = kwargs.pop("config", job.config)  # a retention call's own; the scratch model is job.config's
-            results[key] = func(config=config, resume=True, quiet=job.quiet, **kwargs)
+            results[key] = func(config=config, resume=True, quiet=job.quiet, known_evals=job.known_evals, **kwargs)
     return results
+
+
+def _study_task(job: "_RedundancyJob | _TransferJob"):
+    """Task: one redundancy model (:func:`_train_redundancy_model`) or one transfer task (:func:`_transfer_task`)."""
+    return _train_redundancy_model(job) if isinstance(job, _RedundancyJob) else _transfer_task(job)
 
 
 def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: TrainConfig, source_model: Path,
                    metrics: tuple, quiet: bool, evals_val: dict | None = None) -> list[_TransferJob]:
     """The tasks of steps 4-7, the longest first (so that the last to start is a short one)."""
     source = config["source"]
-    common = {"caches": caches, "out": out, "config": tconf, "quiet": quiet}
+    common = {"caches": caches, "out": out, "config": tconf, "quiet": quiet,
+              "known_evals": (out / "models" / "redundancy" / "evals",)}
     single: list[_TransferJob] = []
     starts: dict[str, list] = {}  # a non-source domain -> the calls that start from its scratch model
     retain = config.get("retain", [])

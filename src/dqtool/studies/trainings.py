@@ -97,19 +97,22 @@ def _check_resources(cluster: Cluster, resources: dict) -> None:
 
 
 def train_models(fn: Callable[[Any], Any], jobs: Sequence, cluster: Cluster | None = None, *, desc: str = "train",
-                 quiet: bool = False, serial_bar: bool = False, resources: dict | None = None) -> list:
+                 quiet: bool = False, serial_bar: bool = False, resources: dict | None = None,
+                 after: Sequence[Sequence[int]] | None = None) -> list:
     """``[fn(job) for job in jobs]``: serially, or one Dask task per job (kind ``train``) with one torch
     thread each and ``resources`` asked per training; results in the order of ``jobs``.
 
     ``fn`` is a module-level function whose job pickles; it trains (and may score) one model and writes
     only that model's files (module docs). ``serial_bar``: show a bar over the jobs on the serial path
     too (the trainings' own bars are the serial path's progress otherwise); on Dask the bar counts the
-    finished trainings (unless ``quiet``), and the tasks' own bars are off.
+    finished trainings (unless ``quiet``), and the tasks' own bars are off. ``after[i]``: the jobs (earlier
+    in ``jobs``) whose files job ``i`` reads, e.g. the model it starts from (:func:`~dqtool.common.cluster.
+    run_tasks`): on Dask it starts as soon as they are done.
     """
     jobs = list(jobs)
     if cluster is None or not cluster.active:
-        return run_tasks(fn, jobs, None, desc=desc, quiet=quiet or not serial_bar, unit="model")
+        return run_tasks(fn, jobs, None, desc=desc, quiet=quiet or not serial_bar, unit="model", after=after)
     if resources:
         _check_resources(cluster, resources)
     return run_tasks(functools.partial(_as_task, fn, os.getcwd()), jobs, cluster, kind="train", desc=desc,
-                     quiet=quiet, unit="model", resources=resources or None)
+                     quiet=quiet, unit="model", resources=resources or None, after=after)
