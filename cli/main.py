@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("dqtool_cli.cmd_embed:embed_cmd", "Store MAE features of every patch in a cache."),
     "select": ("dqtool_cli.cmd_select:select", "Select a fraction of a cache's patches by DQ."),
     "export": ("dqtool_cli.cmd_select:export", "Write a subset's patches as Cellpose files."),
+    "coverage": ("dqtool_cli.cmd_coverage:coverage_cmd", "DQ's bins as shells, and coverage over seeds."),
     "train": ("dqtool_cli.cmd_train:train_cmd", "Train Cellpose on a patch cache (or a subset of it)."),
     "finetune": ("dqtool_cli.cmd_train:finetune_cmd", "Naive finetuning on a target cache (Tables V, VI)."),
     "replay": ("dqtool_cli.cmd_train:replay_cmd", "Finetune on the target plus a source subset (Table VIII)."),

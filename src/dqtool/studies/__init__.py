@@ -1,4 +1,4 @@
-"""The papers' studies end to end: the DQ/forgetting experiment and the ranking study.
+"""The papers' studies end to end: the DQ/forgetting experiment, the ranking study, and what DQ selects.
 
 The public names (listed in ``__init__.pyi``) load their module on first use.
 """
