@@ -64,6 +64,32 @@ def test_experiment_on_two_workers_writes_the_serial_models_and_tables(config, d
     assert _experiment(config, tmp_path / "dask", monkeypatch, "--scheduler", dask_scheduler) == serial
 
 
+def test_a_training_worker_killed_after_a_checkpoint_resumes_to_the_serial_models(config, dask_client, dask_scheduler,
+                                                                                  tmp_path, monkeypatch):
+    """A worker is SIGKILLed inside a training, right after its first checkpoint (``train:checkpoint``); the nanny
+    starts a new worker, Dask runs the task again, it resumes from that checkpoint (the dead process's lock and
+    temp files do not stop it), and the models, records and tables are the serial run's, byte for byte."""
+    study = json.loads(config.read_text())
+    study["train"] = {**TRAIN, "n_epochs": 4, "save_every": 2}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = _experiment(path, tmp_path / "serial", monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    flag = tmp_path / "died"
+    dask_client.run(exec, f"import os; os.environ['DQTOOL_TEST_KILL_AT'] = {f'train:checkpoint@{flag}'!r}")
+    try:
+        killed = _experiment(path, tmp_path / "dask", monkeypatch, "--scheduler", dask_scheduler)
+    finally:
+        dask_client.run(exec, "import os; os.environ.pop('DQTOOL_TEST_KILL_AT', None)")
+        dask_client.wait_for_workers(2, timeout=60)
+    assert flag.exists()  # a worker did die inside a training
+    assert killed == serial
+
+
 @pytest.fixture(scope="module")
 def transfer_config(tmp_path_factory):
     """Two tiny domains and every transfer step: finetuning both ways, joint, a replay, two sequences (one

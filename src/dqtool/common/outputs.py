@@ -51,9 +51,22 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)")
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process here when ``DQTOOL_TEST_KILL_AT`` names this point (tests only)."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process here when ``DQTOOL_TEST_KILL_AT`` names this point (tests only).
+
+    ``NAME@FLAG``: only the first process to get here dies, the one that creates the file FLAG (a Dask worker
+    killed mid-task, whose task then runs again on another worker and must not die there too)."""
+    value = os.environ.get(KILL_ENV)
+    if not value:
+        return
+    point, _, flag = value.partition("@")
+    if point != name:
+        return
+    if flag:
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------
