@@ -83,6 +83,11 @@ def test_command_writes_tables_and_figures_and_refuses_bad_input(cache, tmp_path
         ("dq", 0.1, 3), ("random", 0.1, 3), ("kcenter", 0.1, 1), ("dq", 0.3, 3), ("random", 0.3, 3), ("kcenter", 0.3, 1)]
     shells = json.loads((out / "shells.json").read_text())
     assert [s["bin"] for s in shells] == [1, 2, 3, 4, 5]
+    from dqtool.data.cache import PatchCache
+
+    with PatchCache(path) as c:
+        names = sorted(set(np.asarray(c.domain_of_patch).astype(str)))
+    assert [sum(s[f"{d} patches"] for d in names) for s in shells] == [s["patches"] for s in shells]
     for name in ("shells.png", "coverage_radius.png", "coverage_mean.png", "coverage.md", "shells.csv"):
         assert (out / name).stat().st_size > 0
     assert (out / "shells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,14 +48,18 @@ def distances_to_mean(features: np.ndarray) -> np.ndarray:
     return np.linalg.norm(f - f.mean(axis=0), axis=1)
 
 
-def shell_rows(features: np.ndarray, bins: Sequence[np.ndarray]) -> list[dict]:
-    """Per bin (in the order DQ forms them): its size and the min, quartiles and max of its members' r."""
+def shell_rows(features: np.ndarray, bins: Sequence[np.ndarray], domains: np.ndarray | None = None) -> list[dict]:
+    """Per bin (in the order DQ forms them): its size, the min, quartiles and max of its members' r, and (given
+    each patch's ``domains``) how many of its patches come from each domain."""
     r = distances_to_mean(features)
+    names = list(dict.fromkeys(domains.tolist())) if domains is not None else []
     rows = []
     for k, members in enumerate(bins, start=1):
-        q = np.quantile(r[np.asarray(members, np.int64)], QUANTILES)
+        members = np.asarray(members, np.int64)
+        q = np.quantile(r[members], QUANTILES)
         rows.append({"bin": k, "patches": int(len(members)), "min distance to mean": float(q[0]),
-                     "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])})
+                     "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4]),
+                     **{f"{d} patches": int(np.sum(domains[members] == d)) for d in names}})
     return rows
 
 
@@ -161,7 +165,8 @@ def coverage_study(cache: str | os.PathLike, out_dir: str | os.PathLike, rates: 
                 raise InputError(f"--bins {bins}: expected between 1 and the number of patches ({len(c)})")
             dq_bins, _ = load_or_form_bins(c, features, int(bins), gain, quiet=quiet)
             name = Path(c.path).name
-        shells = shell_rows(features, dq_bins)
+            domains = np.asarray(c.domain_of_patch).astype(str)
+        shells = shell_rows(features, dq_bins, domains)
         progress = bar(len(rates) * int(seeds), desc="coverage", quiet=quiet, unit="draw")
         try:
             rows = coverage_rows(features, dq_bins, rates, range(int(seeds)), progress=progress)
