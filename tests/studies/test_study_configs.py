@@ -93,3 +93,20 @@ def test_real_retention_config_parses_and_names_real_images_apart():
         assert set(spec["val"]) <= every and set(spec["test"]) <= every, name
         assert not set(spec["val"]) & set(spec["test"]), name
         assert spec["test"] == real["domains"][name]["test"]  # the real study's test splits, unchanged
+
+
+def test_real_active_config_is_real_jsons_cyto_split_and_budget():
+    """studies/real_active.json: the round runs on the real study's Cyto split with its step budget and seed, so
+    its start model is real.json's 1 % random redundancy model; the round itself runs in
+    tests/studies/test_active_round.py."""
+    from dqtool.studies.active import ACTIVE_METHODS
+    from dqtool.studies.experiment import load_config
+
+    path = STUDIES / "real_active.json"
+    config = load_config(path)
+    real = json.loads((STUDIES / "real.json").read_text())
+    assert config["domains"]["cyto"] == real["domains"]["cyto"] and config["source"] == real["source"]
+    assert (config["train"], config["patch"], config["seed"]) == (real["train"], real["patch"], real["seed"])
+    active = config["active"]
+    assert tuple(active["methods"]) == ACTIVE_METHODS and active["seeds"] == [0, 1, 2]
+    assert active["start_rate"] in real["rates"] and "accuracy@0.50" in config["metrics"]

@@ -11,7 +11,9 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``);
 7. source-free retention (``retain``, issue 15): the finetunings of step 4 again with each ``--retain``
    method and weight W (:mod:`dqtool.segmentation.retention`), scored on the test splits and on each domain's
-   ``val`` split, where W is chosen (:func:`choose_retain_weights`), never on the test split.
+   ``val`` split, where W is chosen (:func:`choose_retain_weights`), never on the test split;
+8. the active-learning round (``active``, issue 15): a start model finetuned on patches added by random, DQ,
+   k-center and uncertainty selection (:mod:`dqtool.studies.active`), after the other steps.
 
 Tables go to ``OUT/tables/*.{csv,md,json}``, the Fig. 1 plot to ``OUT/fig1_rate_curve.png`` and a
 Markdown summary to ``OUT/report.md``, rewritten after every step; :func:`run_experiment` returns the tables
@@ -75,9 +77,11 @@ DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "targ
 #: ``reverse`` (targets whose from-scratch model is finetuned on the source, Table V),
 #: ``joint`` (targets trained together with the source from scratch, Table V),
 #: ``replay_random_rates`` (random replay beside the DQ one, Table VIII), ``notes`` (free text),
-#: ``retain`` ([{"method": "l2sp"|"lwf", "weight": W}, ...]: the finetunings of Table V again with each).
+#: ``retain`` ([{"method": "l2sp"|"lwf", "weight": W}, ...]: the finetunings of Table V again with each),
+#: ``active`` (the active-learning round, :data:`dqtool.studies.active.ACTIVE_DEFAULTS` for its keys; its random
+#: start model is the redundancy model at ``start_rate``, which joins Table I).
 OPTIONAL = ("data_root", "repeat_seeds", "repeat_rates", "zero_shot_rates", "reverse", "joint",
-            "replay_random_rates", "notes", "metrics", "retain")
+            "replay_random_rates", "notes", "metrics", "retain", "active")
 #: The rule choosing W on the validation split: the largest source F1 among the weights that keep the target
 #: F1 within this of naive finetuning's (issue 15's goal: lose at most 0.02 target F1).
 RETAIN_TOLERANCE = 0.02
@@ -96,10 +100,11 @@ class ExperimentResult:
     transfer: list[dict] = field(default_factory=list)  # Tables V, VI, VIII: finetuning and replay per target
     sequences: list[dict] = field(default_factory=list)  # Table VII: after each stage of each sequence
     retention: list[dict] = field(default_factory=list)  # issue 15: finetuning with --retain, W chosen on val
+    active: list[dict] = field(default_factory=list)  # issue 15: the active-learning round, one row per model
 
     def tables(self) -> dict[str, list[dict]]:
         """{table name: rows} of the tables the study filled."""
-        names = ("redundancy", "zero_shot", "transfer", "sequences", "retention")
+        names = ("redundancy", "zero_shot", "transfer", "sequences", "retention", "active")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
 
     def to_dict(self) -> dict:
@@ -141,6 +146,11 @@ def check_config(config: dict, where: str = "config") -> dict:
     config["retain"] = [_retain_entry(e, where) for e in config.get("retain", [])] if "retain" in config else []
     if not config["retain"]:
         del config["retain"]
+    if "active" in config:
+        from dqtool.studies.active import check_active
+
+        names = [config["source"], *config["targets"]] if config.get("data") == "synthetic" else list(config["domains"])
+        config["active"] = check_active(config["active"], names, config["source"], where)
     return config
 
 
@@ -305,6 +315,13 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     runs = [("all", 1.0, tconf.seed)] + [(m, float(r), tconf.seed) for r in config["rates"] for m in config["methods"]]
     runs += [(m, float(r), int(k)) for k in config.get("repeat_seeds", []) for r in config.get("repeat_rates", [])
              for m in config["methods"]]
+    active = config.get("active")
+    if active and "random" in active["starts"] and ("random", active["start_rate"], tconf.seed) not in runs:
+        runs.append(("random", active["start_rate"], tconf.seed))  # the active round's start model
+    if active and any(m != "random" for m in active["methods"]) and all(m == "random" for m in config["methods"]):
+        from dqtool.features.embed import embed_cache
+
+        embed_cache(caches[source], epochs=config.get("embed_epochs"), seed=tconf.seed, quiet=quiet)
     zero_shot = {("all", 1.0)} | {("dq", float(r)) for r in config.get("zero_shot_rates", [])}
     evals_all = {**evals, **({f"{d}_val": v for d, v in evals_val.items()} if config.get("retain") else {})}
     red_jobs = []  # the redundancy models are independent: selected here, trained (and scored) as tasks
@@ -403,6 +420,12 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     if seq_rows:
         tables["sequences"] = seq_rows
     _emit(out, tables, config)
+
+    # 8. the active-learning round, from the models above
+    if active:
+        tables.update(_active_step(active, source, caches, evals, out, tconf, metrics, cluster, quiet, resources,
+                                   models, red_jobs, runs))
+        _emit(out, tables, config)
     return ExperimentResult(out=out, source_model=source_model, **{k: v for k, v in tables.items()
                                                                   if k in ExperimentResult.__dataclass_fields__})
 
@@ -625,6 +648,30 @@ def _seed_spread(rows: list[dict], metrics) -> list[dict]:
     return out
 
 
+def _active_step(active: dict, source: str, caches: dict, evals: dict, out: Path, tconf: TrainConfig, metrics: tuple,
+                 cluster: Cluster, quiet: bool, resources, models: dict, red_jobs: list, runs: list) -> dict:
+    """Step 8: the start models (the random redundancy model; other domains' scratch models, trained as tasks if
+    missing) and :func:`dqtool.studies.active.active_round` on the source cache."""
+    from dqtool.studies.active import ActiveStart, active_round
+
+    starts = []
+    domains = [d for d in active["starts"] if d != "random"]
+    if "random" in active["starts"]:
+        key = ("random", active["start_rate"], tconf.seed)
+        starts.append(ActiveStart(f"random {active['start_rate']:g}", models[key], red_jobs[runs.index(key)].indices))
+    if domains:
+        scratch = train_models(_scratch_task, [(d, caches, out, tconf, quiet or cluster.active) for d in domains],
+                               cluster, desc="active start models", quiet=quiet, resources=resources)
+        starts += [ActiveStart(f"{d} model", model, np.zeros(0, np.int64)) for d, model in zip(domains, scratch)]
+    return active_round(caches[source], starts, active, {source: evals[source]}, out, tconf, metrics, cluster, quiet,
+                        resources)
+
+
+def _scratch_task(job: tuple) -> Path:
+    """Task: :func:`_scratch_model` of ``job`` = (domain, caches, out, tconf, quiet)."""
+    return _scratch_model(*job)
+
+
 def _scratch_model(domain: str, caches: dict, out: Path, tconf: TrainConfig, quiet: bool) -> Path:
     """A model trained from scratch on all of ``domain``'s patches (``OUT/models/scratch/<domain>_all``)."""
     images, labels, provenance = load_patches(caches[domain])
@@ -664,7 +711,10 @@ def _report(out: Path, tables: dict, config: dict) -> Path:
                           "(Tables V, VI, VIII)",
               "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md",
               "retention": "Finetuning without the source data (--retain), W chosen on the validation splits "
-                           f"(target kept within {RETAIN_TOLERANCE} of naive finetuning, then the best source)"}
+                           f"(target kept within {RETAIN_TOLERANCE} of naive finetuning, then the best source)",
+              "active": "Active-learning round: a start model finetuned on the patches added by each selection "
+                        "('new': not annotated before), scored on the source test split",
+              "active_seeds": "Active-learning round: mean and std over seeds"}
     for name, rows in tables.items():
         parts.append(f"\n## {titles.get(name, name)}\n\n" + format_markdown(rows))
     return atomic_write_text(out / "report.md", "".join(parts))
