@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import LazyChoice, is_quiet, quiet_option, seed_option, user_errors
+from .common import LazyChoice, cluster_options, is_quiet, quiet_option, seed_option, user_errors
 
 
 def _rates(ctx, param, value: str) -> list[float]:
@@ -45,15 +45,17 @@ def _rates(ctx, param, value: str) -> list[float]:
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for PNGs: 2-D embedding (like Fig. 3) and patch grids (like Fig. 2).")
 @quiet_option
+@cluster_options
 @user_errors
-def select(cache, rate, bins, method, model, no_bins, score, gain, sampling, seed, memory, out, plot_dir, quiet):
+def select(cache, rate, bins, method, model, no_bins, score, gain, sampling, seed, memory, out, plot_dir, quiet,
+           cluster):
     """Select a fraction of the patches in CACHE by dataset quantization (run `dqtool embed CACHE` first)."""
     from dqtool.selection.quantize import select_to_files
     from dqtool.selection.uncertain import scorer_for
 
     written = select_to_files(cache, rate, out, plot_dir=plot_dir, method=method, bins=None if no_bins else bins,
                               gain=gain, seed=seed, sampling=sampling, memory=memory, quiet=is_quiet(quiet),
-                              scorer=scorer_for(model, score))
+                              scorer=scorer_for(model, score, cluster))
     for path, subset in written:
         cov, cfg = subset.coverage, subset.config
         if subset.method == "uncertain":

@@ -37,17 +37,18 @@ stored in the cache under ``/derived/uncertainty_<model sha256[:16]>_<settings d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from dqtool.common.errors import InputError
 from dqtool.common.files import file_sha256
-from dqtool.common.progress import bar
 from dqtool.data.cache import PatchCache
 
 __all__ = ["PERTURBATIONS", "PERTURBATION_SEED", "SCORES", "PatchConsistency", "PatchScorer", "patch_uncertainty",
@@ -193,46 +194,154 @@ def _stored(cache: PatchCache, name: str, model_sha: str, key: dict) -> PatchCon
                             group=name, reused=True, seconds=attrs.get("seconds"), key=key)
 
 
-def score_patches(cache: PatchCache, model_path: str, key: dict, quiet: bool = True) -> PatchConsistency:
-    """Run the ranking's shared passes (:func:`dqtool.ranking.rank.score_model_passes`) over every patch."""
+def _chunk_arrays(net, images, idx: np.ndarray, strengths: dict) -> dict:
+    """The derived group's arrays (:meth:`PatchConsistency.arrays` names) for the patches ``idx``, from the ranking's
+    shared passes (:func:`dqtool.ranking.rank.score_model_passes`) on their ``images``."""
     from dqtool.ranking.perturb import DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE
     from dqtool.ranking.rank import normalise_for_model, score_model_passes
+
+    m = len(idx)
+    out = {"n_cells": np.empty(m, np.int64)}
+    for k in PERTURBATIONS:
+        out.update({f"{k}_{s}": np.empty(m, np.float64) for s in SCORES})
+        out[f"{k}_n_cells_perturbed"] = np.empty(m, np.int64)
+    inputs = [normalise_for_model(img) for img in images]
+    records, _ = score_model_passes(net, inputs, strengths, seed=PERTURBATION_SEED, settings=_settings(),
+                                    dropout_site=DEFAULT_DROPOUT_SITE, dropout_draw=DEFAULT_DROPOUT_DRAW,
+                                    image_indices=idx.tolist())
+    where = {int(i): j for j, i in enumerate(idx)}
+    for k in PERTURBATIONS:
+        for rec in records[k]:
+            j = where[rec["image"]]  # the patch index (image_indices)
+            for s in SCORES:
+                out[f"{k}_{s}"][j] = rec[s]
+            out[f"{k}_n_cells_perturbed"][j] = rec["n_cells_perturbed"]
+            out["n_cells"][j] = rec["n_cells"]
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_net(model_path: str, sha256: str):
+    """The network of ``model_path`` (``sha256``: its content, so a replaced file is loaded again), once per worker."""
     from dqtool.segmentation.predict import load_model
 
-    n = len(cache)
-    net = load_model(model_path)
-    strengths = dict(key["perturbations"])
-    scores = {k: {s: np.empty(n, np.float64) for s in SCORES} for k in PERTURBATIONS}
-    n_cells = np.empty(n, np.int64)
-    n_perturbed = {k: np.empty(n, np.int64) for k in PERTURBATIONS}
-    progress = bar(n, desc=f"uncertainty ({os.path.basename(model_path)})", quiet=quiet, unit="patch")
-    start = time.perf_counter()
+    return load_model(model_path)
+
+
+def score_range(bounds: tuple[int, int], cache: str, cache_hash: str, model_path: str, model_sha256: str,
+                strengths: dict, threads: int = 1) -> dict:
+    """Task: the arrays of patches ``range(*bounds)`` of ``cache`` (read only) under ``model_path``, with
+    ``threads`` torch threads. Refuses a cache whose content changed since the run began."""
+    from dqtool.features.embed import torch_threads
+
+    with PatchCache(cache) as opened:
+        if opened.content_hash != cache_hash:
+            raise InputError(f"{cache}: the cache changed during the run; run the selection again")
+        images = opened.images(np.arange(*bounds))
+    with torch_threads(threads):
+        return _chunk_arrays(_worker_net(model_path, model_sha256), images, np.arange(*bounds), strengths)
+
+
+def partial_path(cache: PatchCache, name: str) -> Path:
+    """Where the chunks scored so far are kept while a scoring runs: ``.<cache file>.<group>.partial.npz`` beside
+    the cache (dqtool's own file; removed once the whole group is in the cache)."""
+    path = Path(cache.path)
+    return path.parent / f".{path.name}.{name}.partial.npz"
+
+
+def _read_partial(path: Path, stamp: str, n: int) -> tuple[int, dict]:
+    """(patches done, their arrays) of a partial file written for ``stamp``; (0, {}) if none or another run's."""
     try:
-        for lo in range(0, n, CHUNK):
-            idx = np.arange(lo, min(n, lo + CHUNK))
-            inputs = [normalise_for_model(img) for img in cache.images(idx)]
-            records, _ = score_model_passes(net, inputs, strengths, seed=PERTURBATION_SEED, settings=_settings(),
-                                            dropout_site=DEFAULT_DROPOUT_SITE, dropout_draw=DEFAULT_DROPOUT_DRAW,
-                                            image_indices=idx.tolist())
-            for k in PERTURBATIONS:
-                for rec in records[k]:
-                    i = rec["image"]  # the patch index (image_indices)
-                    for s in SCORES:
-                        scores[k][s][i] = rec[s]
-                    n_perturbed[k][i] = rec["n_cells_perturbed"]
-                    n_cells[i] = rec["n_cells"]
-            progress.update(len(idx))
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["stamp"]) != stamp:
+                return 0, {}
+            done = int(z["done"])
+            arrays = {k: z[k] for k in z.files if k not in ("stamp", "done")}
+    except (OSError, ValueError, KeyError):
+        return 0, {}
+    if not 0 < done <= n or any(a.shape != (done,) for a in arrays.values()):
+        return 0, {}
+    return done, arrays
+
+
+def _write_partial(path: Path, stamp: str, done: int, arrays: dict) -> None:
+    """Crash-safe: written under a temporary name, then renamed over the old one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, stamp=np.array(stamp), done=np.array(done), **{k: v[:done] for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def score_patches(cache: PatchCache, model_path: str, key: dict, quiet: bool = True, cluster=None,
+                  model_sha256: str | None = None, partial: Path | None = None,
+                  threads: int | None = None) -> PatchConsistency:
+    """Run the ranking's shared passes over every patch, :data:`CHUNK` patches at a time: here, or with an active
+    ``cluster`` one Dask task a chunk (:func:`score_range`: the worker reads its chunk from the cache file and
+    loads the model once; the client alone writes). The same numbers either way for the same ``threads``
+    (default: torch's current count here, 1 on a worker).
+
+    ``partial`` (a file, see :func:`partial_path`): the chunks finished so far are kept there after each one, and a
+    run that finds it (same cache content, model and key) starts after them, so a killed scoring loses at most
+    the chunks in flight."""
+    import torch
+
+    from dqtool.common.cluster import iter_tasks
+
+    n = len(cache)
+    strengths = dict(key["perturbations"])
+    model_sha256 = model_sha256 or file_sha256(model_path)
+    stamp = json.dumps({"cache": cache.content_hash, "model": model_sha256, "key": key}, sort_keys=True)
+    arrays = PatchConsistency(model=model_path, model_sha256=model_sha256, perturbations=strengths,
+                              scores={k: {s: np.empty(n, np.float64) for s in SCORES} for k in PERTURBATIONS},
+                              n_cells=np.empty(n, np.int64),
+                              n_cells_perturbed={k: np.empty(n, np.int64) for k in PERTURBATIONS}).arrays()
+    done = 0
+    if partial is not None:
+        done, kept = _read_partial(partial, stamp, n)
+        for k, v in kept.items():
+            if k in arrays:
+                arrays[k][:done] = v
+    bounds = [(a, min(n, a + CHUNK)) for a in range(done, n, CHUNK)]
+    desc = f"uncertainty ({os.path.basename(model_path)})"
+    start = time.perf_counter()
+    if cluster is not None and cluster.active:
+        task = functools.partial(score_range, cache=str(Path(cache.path).absolute()), cache_hash=cache.content_hash,
+                                 model_path=str(Path(model_path).absolute()), model_sha256=model_sha256,
+                                 strengths=strengths, threads=int(threads or 1))
+        stream = iter_tasks(task, bounds, cluster, kind="uncertainty", desc=desc, quiet=quiet, unit="patch",
+                            total=n - done, progress_of=lambda b: b[1] - b[0])
+    else:
+        from dqtool.features.embed import torch_threads
+        from dqtool.segmentation.predict import load_model
+
+        net = load_model(model_path)
+        local = int(threads or torch.get_num_threads())
+
+        def run(b):
+            with torch_threads(local):
+                return _chunk_arrays(net, cache.images(np.arange(*b)), np.arange(*b), strengths)
+
+        stream = iter_tasks(run, bounds, None, desc=desc, quiet=quiet, unit="patch", total=n - done,
+                            progress_of=lambda b: b[1] - b[0])
+    try:
+        for (a, b), chunk in zip(bounds, stream):
+            for k, v in chunk.items():
+                arrays[k][a:b] = v
+            if partial is not None:
+                _write_partial(partial, stamp, b, arrays)
     finally:
-        progress.close()
-    return PatchConsistency(model=model_path, model_sha256="", perturbations=strengths, scores=scores,
-                            n_cells=n_cells, n_cells_perturbed=n_perturbed, seconds=time.perf_counter() - start,
-                            key=key)
+        stream.close()
+    return PatchConsistency(model=model_path, model_sha256=model_sha256, perturbations=strengths,
+                            scores={k: {s: arrays[f"{k}_{s}"] for s in SCORES} for k in PERTURBATIONS},
+                            n_cells=arrays["n_cells"],
+                            n_cells_perturbed={k: arrays[f"{k}_n_cells_perturbed"] for k in PERTURBATIONS},
+                            seconds=time.perf_counter() - start, key=key)
 
 
-def load_or_score_patches(cache: PatchCache, model, quiet: bool = True) -> PatchConsistency:
+def load_or_score_patches(cache: PatchCache, model, quiet: bool = True, cluster=None) -> PatchConsistency:
     """The per-patch consistencies of ``model`` on ``cache``: read from the cache's derived group, or
-    computed now (:func:`score_patches`) and stored there (written whole under a temporary name, then
-    swapped in: :meth:`~dqtool.data.cache.PatchCache.write_group`). ``reused`` says which."""
+    computed now (:func:`score_patches`, on ``cluster`` if one is given, resuming from and keeping a partial file
+    :func:`partial_path`) and stored there (written whole under a temporary name, then swapped in:
+    :meth:`~dqtool.data.cache.PatchCache.write_group`; the partial file is then removed). ``reused`` says which."""
     model_path = check_scoring_model(model, cache)
     model_sha = file_sha256(model_path)
     key = scoring_key()
@@ -241,12 +350,14 @@ def load_or_score_patches(cache: PatchCache, model, quiet: bool = True) -> Patch
     if stored is not None:
         stored.model = model_path
         return stored
-    scored = score_patches(cache, model_path, key, quiet)
+    partial = partial_path(cache, name)
+    scored = score_patches(cache, model_path, key, quiet, cluster=cluster, model_sha256=model_sha, partial=partial)
     scored.model_sha256, scored.group = model_sha, name
     cache.write_group(name, scored.arrays(),
                       {"model": model_path, "model_sha256": model_sha, "key": key, "cache_hash": cache.content_hash,
                        "seconds": float(scored.seconds), "formula": "u = mean_k u_k; u_k = 1 - s_k, 0 if stable and "
                        "empty, 1 if cells appear only perturbed (dqtool.selection.uncertain)"})
+    partial.unlink(missing_ok=True)
     return scored
 
 
@@ -257,10 +368,12 @@ def load_or_score_patches(cache: PatchCache, model, quiet: bool = True) -> Patch
 @dataclass(frozen=True)
 class PatchScorer:
     """What ranks the patches of ``method='uncertain'`` (:func:`dqtool.selection.quantize.select_subset`):
-    the uncertainty u of ``model`` on each patch under ``score`` (module docs)."""
+    the uncertainty u of ``model`` on each patch under ``score`` (module docs); ``cluster`` (``--workers`` /
+    ``--scheduler``): the network passes of the scoring as Dask tasks (:func:`score_patches`), the same numbers."""
 
     model: str
     score: str = "adapted_rand"
+    cluster: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.score not in SCORES:
@@ -272,7 +385,7 @@ class PatchScorer:
 
     def __call__(self, cache: PatchCache, quiet: bool = True) -> tuple[np.ndarray, dict]:
         """(u, record): the (N,) uncertainties (stored scores reused or computed) and what the subset records."""
-        scored = load_or_score_patches(cache, self.model, quiet)
+        scored = load_or_score_patches(cache, self.model, quiet, cluster=self.cluster)
         return scored.uncertainty(self.score), {
             "model": scored.model, "model_sha256": scored.model_sha256, "score": self.score,
             "uncertainty": f"mean over perturbations of 1 - {self.score}; 0 if no cell unperturbed and perturbed, 1 if "
@@ -281,10 +394,14 @@ class PatchScorer:
             "uncertainty_reused": bool(scored.reused)}
 
 
-def scorer_for(model=None, score: str | None = None) -> PatchScorer | None:
-    """``dqtool select``'s ``--model``/``--score`` as a :class:`PatchScorer` (None without ``--model``)."""
+def scorer_for(model=None, score: str | None = None, cluster=None) -> PatchScorer | None:
+    """``dqtool select``'s ``--model``/``--score`` (and ``--workers``/``--scheduler``) as a :class:`PatchScorer`
+    (None without ``--model``)."""
     if model is None:
         if score is not None:
             raise InputError(f"--score {score}: only --method uncertain scores patches, and it needs --model MODEL")
+        if cluster is not None and cluster.active:
+            raise InputError("--workers/--scheduler: only --method uncertain runs work on a cluster (the network "
+                             "passes of its scores); DQ, random and k-center run here")
         return None
-    return PatchScorer(str(model), score or "adapted_rand")
+    return PatchScorer(str(model), score or "adapted_rand", cluster)

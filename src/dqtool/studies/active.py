@@ -95,9 +95,9 @@ class ActiveStart:
 
 
 def select_added(cache: Path, method: str, rate: float, seed: int, model: Path, spec: dict,
-                 quiet: bool = True) -> np.ndarray:
+                 quiet: bool = True, cluster=None) -> np.ndarray:
     """The source patches chosen by ``method`` at ``rate`` with ``seed`` (sorted indices); ``uncertain*`` ranks them
-    by ``model``'s consistency (scores computed once per model and stored in the cache)."""
+    by ``model``'s consistency (scores computed once per model, on ``cluster`` if given, and stored in the cache)."""
     from dqtool.data.cache import PatchCache
 
     if method == "random":
@@ -110,7 +110,7 @@ def select_added(cache: Path, method: str, rate: float, seed: int, model: Path, 
     uncertain = method.startswith("uncertain")
     subset = select_subset(cache, rate, method="uncertain" if uncertain else method,
                            bins=None if method == "uncertain_nobins" else int(spec["bins"]), seed=seed,
-                           scorer=PatchScorer(str(model), spec["score"]) if uncertain else None, quiet=quiet)
+                           scorer=PatchScorer(str(model), spec["score"], cluster) if uncertain else None, quiet=quiet)
     return np.asarray(subset.indices, dtype=np.int64)
 
 
@@ -157,7 +157,7 @@ def active_round(cache: Path, starts: list[ActiveStart], spec: dict, evals: dict
     for start in starts:
         for seed in spec["seeds"]:
             for method in spec["methods"]:
-                added = select_added(cache, method, spec["rate"], int(seed), start.model, spec, quiet)
+                added = select_added(cache, method, spec["rate"], int(seed), start.model, spec, quiet, cluster)
                 indices = np.union1d(start.labelled, added).astype(np.int64)
                 name = f"{start.slug}__{method}_{spec['rate']:g}_seed{seed}"
                 jobs.append(_ActiveJob(
