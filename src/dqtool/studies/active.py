@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dqtool.common.errors import InputError
-from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
-from dqtool.segmentation.transfer import Stage, score_stage
+from dqtool.segmentation.train import TrainConfig
 from dqtool.selection.subsets import random_subset, subset_total
 
 __all__ = ["ACTIVE_METHODS", "ACTIVE_DEFAULTS", "ActiveStart", "check_active", "select_added", "active_round"]
@@ -114,35 +113,6 @@ def select_added(cache: Path, method: str, rate: float, seed: int, model: Path, 
     return np.asarray(subset.indices, dtype=np.int64)
 
 
-@dataclass
-class _ActiveJob:
-    """One model of the round: ``init`` finetuned on patches ``indices`` of ``cache``, scored on ``evals``."""
-
-    cache: str
-    indices: np.ndarray
-    init: Path
-    model: Path
-    config: TrainConfig
-    provenance: dict
-    stage: str
-    evals: dict
-    eval_dir: Path
-    metrics: tuple
-    quiet: bool = True
-
-
-def _active_task(job: _ActiveJob) -> tuple:
-    """Task: train one model of the round and score it -> (TrainResult, scores, stds). Writes only this model's
-    files and its evaluation records (their one writer); reads the cache."""
-    images, labels, provenance = load_patches(job.cache, job.indices)
-    provenance.update(job.provenance)
-    result = train_patches(list(images), list(labels), job.model, job.config, init=job.init, provenance=provenance,
-                           resume=True, quiet=job.quiet)
-    stage = Stage(name=job.stage, model=job.model, train=result)
-    score_stage(stage, job.evals, job.eval_dir, job.config.channels, job.metrics, job.quiet)
-    return result, stage.scores, stage.stds
-
-
 def active_round(cache: Path, starts: list[ActiveStart], spec: dict, evals: dict, out: Path, tconf: TrainConfig,
                  metrics: tuple, cluster=None, quiet: bool = True, resources: dict | None = None) -> dict[str, list]:
     """Run the round (module docs) -> {"active": rows, "active_seeds": rows}.
@@ -150,7 +120,7 @@ def active_round(cache: Path, starts: list[ActiveStart], spec: dict, evals: dict
     The selections run here, in the client (the uncertainty scores are written to the cache by it alone); the
     trainings are one batch of tasks (:func:`dqtool.studies.trainings.train_models`), each writing its own model
     ``out/models/active/<start slug>__<method>_<rate>_seed<s>`` and evaluation records."""
-    from dqtool.studies.trainings import train_models
+    from dqtool.studies.trainings import ModelJob, train_and_score, train_models
 
     source = next(iter(evals))
     jobs, keys = [], []
@@ -160,7 +130,7 @@ def active_round(cache: Path, starts: list[ActiveStart], spec: dict, evals: dict
                 added = select_added(cache, method, spec["rate"], int(seed), start.model, spec, quiet, cluster)
                 indices = np.union1d(start.labelled, added).astype(np.int64)
                 name = f"{start.slug}__{method}_{spec['rate']:g}_seed{seed}"
-                jobs.append(_ActiveJob(
+                jobs.append(ModelJob(
                     cache=str(cache), indices=indices, init=start.model, model=out / "models" / "active" / name,
                     config=dataclasses.replace(tconf, seed=int(seed)),
                     provenance={"active_start": start.name, "method": method, "rate": spec["rate"],
@@ -171,7 +141,7 @@ def active_round(cache: Path, starts: list[ActiveStart], spec: dict, evals: dict
                              int(np.setdiff1d(added, start.labelled).size)))
     if not jobs:
         raise InputError("active: nothing to train (no start model, method or seed)")
-    results = train_models(_active_task, jobs, cluster, desc="active round", quiet=quiet, resources=resources)
+    results = train_models(train_and_score, jobs, cluster, desc="active round", quiet=quiet, resources=resources)
     rows = []
     for (start, method, seed, n_added, n_new), job, (result, scores, stds) in zip(keys, jobs, results):
         row = {"start": start.name, "method": method, "seed": seed, "labelled before": int(start.labelled.size),

@@ -44,7 +44,7 @@ from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, repla
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.caches import patch_caches
 from dqtool.studies.config_files import check_keys, read_config
-from dqtool.studies.trainings import parse_resources, train_models
+from dqtool.studies.trainings import ModelJob, parse_resources, train_and_score, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
 QUICK = {
@@ -334,7 +334,7 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
         # on the validation splits: every finetuning that starts from it reuses these records
         scored_on = ({source: evals[source]} if seed != tconf.seed or (method, rate) not in zero_shot
                      else evals_all if method == "all" else evals)
-        red_jobs.append(_RedundancyJob(cache=str(caches[source]), indices=indices, model=model, config=run_conf,
+        red_jobs.append(ModelJob(cache=str(caches[source]), indices=indices, model=model, config=run_conf,
                                        provenance={"method": method, "rate": rate, "selection_seed": seed},
                                        stage=name.removeprefix(f"{source}_"), evals=scored_on,
                                        eval_dir=out / "models" / "redundancy", metrics=metrics,
@@ -430,39 +430,6 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
                                                                   if k in ExperimentResult.__dataclass_fields__})
 
 
-@dataclass
-class _RedundancyJob:
-    """One redundancy model: trained on patches ``indices`` of the source cache, scored on the source test split."""
-
-    cache: str
-    indices: np.ndarray
-    model: Path
-    config: TrainConfig
-    provenance: dict  # method, rate, selection_seed (after the cache's own provenance)
-    stage: str
-    evals: dict
-    eval_dir: Path
-    metrics: tuple
-    quiet: bool = True
-
-
-def _train_redundancy_model(job: _RedundancyJob) -> tuple:
-    """Task: train one redundancy model and score it -> (TrainResult, scores, stds).
-
-    Reads the source cache (read only); writes only this model's files and its stage's evaluation
-    records (``eval_dir/evals/<stage>__<domain>.json``), so it is their one writer
-    (:mod:`dqtool.studies.trainings`); the tables are the client's.
-    """
-    images, labels, provenance = load_patches(job.cache, job.indices)
-    provenance.update(job.provenance)
-    result = train_patches(list(images), list(labels), job.model, job.config, provenance=provenance, resume=True,
-                           quiet=job.quiet)
-    kill_point("experiment:trained")  # tests (serial): a model written, its scores and the tables not yet
-    stage = Stage(name=job.stage, model=job.model, train=result)
-    score_stage(stage, job.evals, job.eval_dir, job.config.channels, job.metrics, job.quiet)
-    return result, stage.scores, stage.stds
-
-
 def _replays(config: dict) -> list[tuple[str, float]]:
     """(method, rate) of every replay run on each target: the config's method, then random (Table VIII)."""
     return ([(config["replay_method"], float(r)) for r in config["replay_rates"]]
@@ -518,9 +485,10 @@ def _transfer_task(job: _TransferJob) -> dict:
     return results
 
 
-def _study_task(job: "_RedundancyJob | _TransferJob"):
-    """Task: one redundancy model (:func:`_train_redundancy_model`) or one transfer task (:func:`_transfer_task`)."""
-    return _train_redundancy_model(job) if isinstance(job, _RedundancyJob) else _transfer_task(job)
+def _study_task(job: "ModelJob | _TransferJob"):
+    """Task: one redundancy model (:func:`~dqtool.studies.trainings.train_and_score`) or one transfer task
+    (:func:`_transfer_task`)."""
+    return train_and_score(job) if isinstance(job, ModelJob) else _transfer_task(job)
 
 
 def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: TrainConfig, source_model: Path,
