@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 
 from dqtool.common.errors import InputError
 from dqtool.selection.subsets import random_subset
-from dqtool.studies.active import ACTIVE_METHODS, seed_spread
+from dqtool.common.tables import seed_spread
+from dqtool.studies.active import ACTIVE_METHODS
 from dqtool.studies.experiment import check_config
 from dqtool_cli.main import cli
 from factories import disc_folder
@@ -47,8 +49,10 @@ def test_the_defaults_are_the_issues_round():
 
 
 def test_seed_spread_is_the_sample_std_of_the_per_seed_means():
-    rows = [{"start": "s", "method": "dq", "f1": v} for v in (0.2, 0.4, 0.9)]
-    (row,) = seed_spread(rows, ["f1"])
+    rows = [{"start": "s", "method": "dq", "f1": v} for v in (0.2, 0.4, 0.9)] + [{"start": "s", "method": "x", "f1": 1}]
+    assert [r["method"] for r in seed_spread(rows, ("start", "method"), ["f1"], min_rows=2)] == ["dq"]
+    row, single = seed_spread(rows, ("start", "method"), ["f1"])
+    assert single["seeds"] == 1 and math.isnan(single["f1 std over seeds"])
     assert row["seeds"] == 3 and row["f1 mean over seeds"] == pytest.approx(0.5)
     assert row["f1 std over seeds"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from dqtool.common.files import atomic_write_text
 
 
@@ -90,3 +92,23 @@ def write_json(path: str | os.PathLike, obj) -> Path:
         return _jsonable(o)
 
     return atomic_write_text(path, json.dumps(clean(obj), indent=2) + "\n")
+
+
+def seed_spread(rows: Sequence[dict], keys: Sequence[str], metrics: Sequence[str], min_rows: int = 1) -> list[dict]:
+    """One row per distinct value of ``keys`` among ``rows`` (first-seen order) with ``min_rows`` rows or more:
+    the keys, ``seeds`` (how many rows) and per metric m ``"m mean over seeds"`` and ``"m std over seeds"``, the
+    mean and the sample standard deviation (ddof 1; NaN for one row) of the rows' values of m."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for values, group in groups.items():
+        if len(group) < min_rows:
+            continue
+        row = {**dict(zip(keys, values)), "seeds": len(group)}
+        for m in metrics:
+            vals = np.array([g[m] for g in group], dtype=float)
+            row[f"{m} mean over seeds"] = float(np.mean(vals))
+            row[f"{m} std over seeds"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+        out.append(row)
+    return out

@@ -38,13 +38,13 @@ from dqtool.common.errors import InputError
 from dqtool.common.figures import pyplot, save_figure
 from dqtool.common.files import atomic_write_text
 from dqtool.common.outputs import kill_point, write_marker, writing
-from dqtool.common.tables import format_markdown, write_json, write_table
+from dqtool.common.tables import format_markdown, seed_spread, write_json, write_table
 from dqtool.segmentation.train import TrainConfig, load_patches, train_patches
 from dqtool.segmentation.transfer import DEFAULT_METRICS, Stage, finetune, replay, score_stage, sequence
 from dqtool.selection.subsets import random_subset, subset_total
 from dqtool.studies.caches import patch_caches
 from dqtool.studies.config_files import check_keys, read_config
-from dqtool.studies.trainings import ModelJob, parse_resources, train_and_score, train_models
+from dqtool.studies.trainings import parse_resources, train_models
 
 #: The built-in quick study on the embedded default domains (``dqtool.synthetic``).
 QUICK = {
@@ -363,7 +363,7 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
         models[(method, rate, seed)] = job.model
     tables["redundancy"] = rows
     if config.get("repeat_seeds"):
-        tables["redundancy_seeds"] = _seed_spread(rows, metrics)
+        tables["redundancy_seeds"] = seed_spread(rows, ("method", "rate"), metrics, min_rows=2)
     _emit(out, tables, config)
     metric = metrics[1] if len(metrics) > 1 else metrics[0]
     full = next(r for r in rows if r["method"] == "all")
@@ -428,6 +428,40 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
         _emit(out, tables, config)
     return ExperimentResult(out=out, source_model=source_model, **{k: v for k, v in tables.items()
                                                                   if k in ExperimentResult.__dataclass_fields__})
+
+
+@dataclass
+class ModelJob:
+    """One model of a study: trained on patches ``indices`` of ``cache`` (from ``init`` if given, else from scratch)
+    with ``config``, written to ``model``, then scored on ``evals`` ({domain: test split}) as stage ``stage``."""
+
+    cache: str
+    indices: np.ndarray
+    model: Path
+    config: Any  # dqtool.segmentation.train.TrainConfig
+    provenance: dict  # what selected the patches (after the cache's own provenance)
+    stage: str
+    evals: dict
+    eval_dir: Path
+    metrics: tuple
+    quiet: bool = True
+    init: Path | None = None
+
+
+def train_and_score(job: ModelJob) -> tuple:
+    """Task: train one :class:`ModelJob` and score it -> (TrainResult, scores, stds).
+
+    Reads the cache (read only); writes only this model's files and its stage's evaluation records
+    (``eval_dir/evals/<stage>__<domain>.json``), so it is their one writer; the tables are the client's.
+    """
+    images, labels, provenance = load_patches(job.cache, job.indices)
+    provenance.update(job.provenance)
+    result = train_patches(list(images), list(labels), job.model, job.config, init=job.init, provenance=provenance,
+                           resume=True, quiet=job.quiet)
+    kill_point("experiment:trained")  # tests (serial): a model written, its scores and the tables not yet
+    stage = Stage(name=job.stage, model=job.model, train=result)
+    score_stage(stage, job.evals, job.eval_dir, job.config.channels, job.metrics, job.quiet)
+    return result, stage.scores, stage.stds
 
 
 def _replays(config: dict) -> list[tuple[str, float]]:
@@ -598,29 +632,14 @@ def _with_std(scores: dict, stds: dict) -> dict:
     return row
 
 
-def _seed_spread(rows: list[dict], metrics) -> list[dict]:
-    """Mean and std over seeds of each (method, rate) trained with more than one seed."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["rate"]), []).append(r)
-    out = []
-    for (method, rate), group in groups.items():
-        if len(group) < 2:
-            continue
-        row = {"method": method, "rate": rate, "seeds": len(group)}
-        for m in metrics:
-            vals = np.array([g[m] for g in group], dtype=float)
-            row[f"{m} mean over seeds"] = float(np.mean(vals))
-            row[f"{m} std over seeds"] = float(np.std(vals, ddof=1))
-        out.append(row)
-    return out
-
-
 def _active_step(active: dict, source: str, caches: dict, evals: dict, out: Path, tconf: TrainConfig, metrics: tuple,
                  cluster: Cluster, quiet: bool, resources, models: dict, red_jobs: list, runs: list) -> dict:
-    """Step 8: the start models (the random redundancy model; other domains' scratch models, trained as tasks if
-    missing) and :func:`dqtool.studies.active.active_round` on the source cache."""
-    from dqtool.studies.active import ActiveStart, active_round
+    """Step 8 (:mod:`dqtool.studies.active`): the start models (the random redundancy model; other domains' scratch
+    models, trained as tasks if missing), the selections here in the client (the uncertainty scores as tasks on
+    ``cluster``, written to the source cache by the client alone), then one batch of finetunings, each its own
+    model ``OUT/models/active/<start>__<method>_<rate>_seed<s>`` and evaluation records."""
+    from dqtool.data.cache import PatchCache
+    from dqtool.studies.active import ActiveStart, plan_round, round_tables
 
     starts = []
     domains = [d for d in active["starts"] if d != "random"]
@@ -631,8 +650,32 @@ def _active_step(active: dict, source: str, caches: dict, evals: dict, out: Path
         scratch = train_models(_scratch_task, [(d, caches, out, tconf, quiet or cluster.active) for d in domains],
                                cluster, desc="active start models", quiet=quiet, resources=resources)
         starts += [ActiveStart(f"{d} model", model, np.zeros(0, np.int64)) for d, model in zip(domains, scratch)]
-    return active_round(caches[source], starts, active, {source: evals[source]}, out, tconf, metrics, cluster, quiet,
-                        resources)
+    cache = caches[source]
+    with PatchCache(cache) as c:
+        n = len(c)
+
+    def select(method: str, seed: int, start) -> np.ndarray:
+        if method == "random":
+            return random_subset(n, subset_total(n, active["rate"]), seed)
+        from dqtool.selection.quantize import select_subset
+        from dqtool.selection.uncertain import PatchScorer
+
+        uncertain = method.startswith("uncertain")
+        return select_subset(cache, active["rate"], method="uncertain" if uncertain else method,
+                             bins=None if method == "uncertain_nobins" else int(active["bins"]), seed=seed,
+                             scorer=PatchScorer(str(start.model), active["score"], cluster) if uncertain else None,
+                             quiet=quiet).index_array()
+
+    planned = plan_round(starts, active, select)
+    folder = out / "models" / "active"
+    jobs = [ModelJob(cache=str(cache), indices=r.indices, init=r.start.model, model=folder / r.name,
+                     config=dataclasses.replace(tconf, seed=r.seed),
+                     provenance={"active_start": r.start.name, "method": r.method, "rate": active["rate"],
+                                 "selection_seed": r.seed},
+                     stage=r.name, evals={source: evals[source]}, eval_dir=folder, metrics=metrics,
+                     quiet=quiet or cluster.active) for r in planned]
+    results = train_models(train_and_score, jobs, cluster, desc="active round", quiet=quiet, resources=resources)
+    return round_tables(planned, results, source, metrics)
 
 
 def _scratch_task(job: tuple) -> Path:

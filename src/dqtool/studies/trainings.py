@@ -36,55 +36,12 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from dqtool.common.cluster import Cluster, run_tasks
 from dqtool.common.errors import InputError
 
-__all__ = ["train_models", "parse_resources", "ModelJob", "train_and_score"]
-
-
-@dataclass
-class ModelJob:
-    """One model of a study: trained on patches ``indices`` of ``cache`` (from ``init`` if given, else from scratch)
-    with ``config``, written to ``model``, then scored on ``evals`` ({domain: test split}) as stage ``stage``."""
-
-    cache: str
-    indices: np.ndarray
-    model: Path
-    config: Any  # dqtool.segmentation.train.TrainConfig
-    provenance: dict  # what selected the patches (after the cache's own provenance)
-    stage: str
-    evals: dict
-    eval_dir: Path
-    metrics: tuple
-    quiet: bool = True
-    init: Path | None = None
-
-
-def train_and_score(job: ModelJob) -> tuple:
-    """Task: train one :class:`ModelJob` and score it -> (TrainResult, scores, stds).
-
-    Reads the cache (read only); writes only this model's files and its stage's evaluation records
-    (``eval_dir/evals/<stage>__<domain>.json``), so it is their one writer; the tables are the client's.
-    """
-    from dqtool.common.outputs import kill_point
-    from dqtool.segmentation.train import load_patches, train_patches
-    from dqtool.segmentation.transfer import Stage, score_stage
-
-    images, labels, provenance = load_patches(job.cache, job.indices)
-    provenance.update(job.provenance)
-    result = train_patches(list(images), list(labels), job.model, job.config, init=job.init, provenance=provenance,
-                           resume=True, quiet=job.quiet)
-    kill_point("experiment:trained")  # tests (serial): a model written, its scores and the tables not yet
-    stage = Stage(name=job.stage, model=job.model, train=result)
-    score_stage(stage, job.evals, job.eval_dir, job.config.channels, job.metrics, job.quiet)
-    return result, stage.scores, stage.stds
-
+__all__ = ["train_models", "parse_resources"]
 
 def parse_resources(text: str | dict | None) -> dict | None:
     """``"GPU=1"`` or ``"GPU=1,MEM=4e9"`` (dask-worker's ``--resources`` syntax) -> {name: amount}."""
