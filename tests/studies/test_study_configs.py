@@ -110,3 +110,15 @@ def test_real_active_config_is_real_jsons_cyto_split_and_budget():
     active = config["active"]
     assert tuple(active["methods"]) == ACTIVE_METHODS and active["seeds"] == [0, 1, 2]
     assert active["start_rate"] in real["rates"] and "accuracy@0.50" in config["metrics"]
+
+
+def test_real_active_histo_config_starts_from_the_real_studys_histo_model():
+    """studies/real_active_histo.json: the same round from the Histo model (real.json's MoNuSeg train split)."""
+    from dqtool.studies.experiment import load_config
+
+    config = load_config(STUDIES / "real_active_histo.json")
+    active = load_config(STUDIES / "real_active.json")
+    real = json.loads((STUDIES / "real.json").read_text())
+    assert config["domains"]["histo"] == real["domains"]["histo"] and config["active"]["starts"] == ["histo"]
+    assert {k: v for k, v in config["active"].items() if k != "starts"} == \
+        {k: v for k, v in active["active"].items() if k != "starts"}
