@@ -151,7 +151,8 @@ def test_train_from_cache_writes_a_cellpose_model_and_its_record(cache, tmp_path
     if record["n_dropped"]:
         assert any("dropped" in m for m in messages)
     rows = paths["csv"].read_text().splitlines()
-    assert rows[0] == "epoch,learning_rate,train_loss" and len(rows) == 5
+    assert rows[0] == "epoch,learning_rate,train_loss,grad_norm" and len(rows) == 5
+    assert len(record["grad_norms"]) == 4 and all(g > 0 and np.isfinite(g) for g in record["grad_norms"])
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (paths["checkpoints"] / "epoch_0002").exists()
     # the model loads in Cellpose itself, with the training diameter
@@ -164,6 +165,31 @@ def test_train_from_cache_writes_a_cellpose_model_and_its_record(cache, tmp_path
     assert again.train_losses == result.train_losses
 
 
+def test_grad_norms_are_the_mean_per_epoch_of_the_global_gradient_norm_before_each_step(cache, tmp_path, monkeypatch):
+    """Checked by an optimiser that records sqrt(sum g^2) over every weight in float64 NumPy before stepping."""
+    import importlib
+
+    T = importlib.import_module("dqtool.segmentation.train")  # the module (the package exports a function `train`)
+    seen, real = [], T._optimizer
+
+    def recording(net, config):
+        opt = real(net, config)
+        step = opt.step
+
+        def step_and_record(*args, **kwargs):
+            seen.append(np.sqrt(sum(float((p.grad.detach().double().numpy() ** 2).sum())
+                                    for p in net.parameters() if p.grad is not None)))
+            return step(*args, **kwargs)
+
+        opt.step = step_and_record
+        return opt
+
+    monkeypatch.setattr(T, "_optimizer", recording)
+    result = train(cache, tmp_path / "m", config=TrainConfig(n_epochs=3, nimg_per_epoch=8, **TINY), quiet=True)
+    per_epoch = np.array(seen).reshape(3, 2).mean(axis=1)  # 8 patches a epoch in batches of 4: 2 steps
+    np.testing.assert_allclose(result.grad_norms, per_epoch, rtol=1e-5)
+
+
 def test_resume_continues_to_the_same_weights(cache, tmp_path):
     config = TrainConfig(n_epochs=5, **TINY)
     full = train(cache, tmp_path / "full", config=config, quiet=True)
@@ -174,6 +200,7 @@ def test_resume_continues_to_the_same_weights(cache, tmp_path):
     resumed = train(cache, tmp_path / "killed", config=config, resume=True, quiet=True)
     assert resumed.resumed_from == 2  # the last checkpoint (every 2 epochs) before the kill at 3
     np.testing.assert_array_equal(resumed.train_losses, full.train_losses)
+    np.testing.assert_array_equal(resumed.grad_norms, full.grad_norms)  # kept in the checkpoint, then recomputed
     a, b = load_state_dict(tmp_path / "full"), load_state_dict(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # same seed -> same bytes; another seed -> other weights

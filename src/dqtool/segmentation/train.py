@@ -144,13 +144,14 @@ class TrainResult:
     resumed_from: int = 0
     warnings: list[str] = field(default_factory=list)
     complete: bool = True
+    grad_norms: list[float] = field(default_factory=list)  # per epoch (dqtool engine): see run_epochs
 
     def to_dict(self) -> dict:
         return {"model": str(self.model), "complete": self.complete, "config": self.config,
                 "provenance": self.provenance, "n_patches": self.n_patches, "n_dropped": self.n_dropped,
                 "diam_labels": self.diam_labels, "seconds": self.seconds, "resumed_from": self.resumed_from,
                 "warnings": self.warnings, "train_losses": self.train_losses,
-                "learning_rates": self.learning_rates}
+                "learning_rates": self.learning_rates, "grad_norms": self.grad_norms}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ def _optimizer(net, config: TrainConfig):
 
 
 def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, optimizer=None,
-               train_losses: np.ndarray | None = None, on_epoch=None, quiet: bool = True, retention=None):
+               train_losses: np.ndarray | None = None, on_epoch=None, quiet: bool = True, retention=None,
+               grad_norms: np.ndarray | None = None):
     """Cellpose's ``train_seg`` epoch loop over prepared ``data``/``flows``, epochs start..n_epochs-1.
 
     Per epoch e: numpy seeded with ``epoch_seed(seed, e)``, a permutation (or ``nimg_per_epoch`` draws),
@@ -286,7 +288,10 @@ def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, opti
     range 0.5, rescaled by diam / diam_mean), loss = MSE(5 * flows, y[:2]) / 2 + BCE(y[2], cellprob > .5)
     (Cellpose's ``_loss_fn_seg``), plus ``retention(net, x, y)`` when given (:mod:`dqtool.segmentation.retention`:
     L2-SP or LwF, source-free); loss[e] = sum over batches of loss * len(batch) / nimg_per_epoch.
-    ``on_epoch(e, optimizer, train_losses)`` runs after each epoch (checkpoints, progress).
+    ``on_epoch(e, optimizer, train_losses)`` runs after each epoch (checkpoints, progress). ``grad_norms`` (an
+    array of n_epochs, filled in place): per epoch e, the mean over its SGD steps of the global gradient norm
+    ||g|| = sqrt(sum over every trainable weight of g^2), g the gradient of that step's whole loss (retention term
+    included) before the optimiser's step; read only, so the weights do not depend on whether it is recorded.
     """
     import torch
     from cellpose import transforms, utils
@@ -314,6 +319,7 @@ def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, opti
                 group["lr"] = lr_schedule[iepoch]
             net.train()
             losses[iepoch] = 0.0
+            norms = []
             for k in range(0, nimg_per_epoch, config.batch_size):
                 inds = rperm[k:k + config.batch_size]
                 imgs = [data[i] for i in inds]
@@ -328,9 +334,14 @@ def run_epochs(net, data, flows, config: TrainConfig, start_epoch: int = 0, opti
                     loss = loss + retention(net, x, y)
                 optimizer.zero_grad()
                 loss.backward()
+                with torch.no_grad():
+                    norms.append(float(torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in net.parameters() if p.grad is not None]))))
                 optimizer.step()
                 losses[iepoch] += loss.item() * len(imgi)
             losses[iepoch] /= nimg_per_epoch
+            if grad_norms is not None:
+                grad_norms[iepoch] = float(np.mean(norms))
             progress.update(1)
             progress.set_postfix(loss=f"{losses[iepoch]:.4f}", lr=f"{lr_schedule[iepoch]:.4g}")
             if on_epoch is not None:
@@ -349,9 +360,14 @@ def _identity(config: TrainConfig, provenance: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write_losses(paths: dict, losses: Sequence[float], lrs: Sequence[float]) -> None:
-    lines = ["epoch,learning_rate,train_loss"]
-    lines += [f"{e},{lr:.8g},{loss:.8g}" for e, (lr, loss) in enumerate(zip(lrs, losses))]
+def _write_losses(paths: dict, losses: Sequence[float], lrs: Sequence[float], grad_norms: Sequence[float] = ()) -> None:
+    """``MODEL_losses.csv`` (epoch, learning rate, loss, and the gradient norm where recorded) and the loss plot."""
+    if len(grad_norms) == len(losses) and len(losses):
+        lines = ["epoch,learning_rate,train_loss,grad_norm"]
+        lines += [f"{e},{lr:.8g},{loss:.8g},{g:.8g}" for e, (lr, loss, g) in enumerate(zip(lrs, losses, grad_norms))]
+    else:
+        lines = ["epoch,learning_rate,train_loss"]
+        lines += [f"{e},{lr:.8g},{loss:.8g}" for e, (lr, loss) in enumerate(zip(lrs, losses))]
     atomic_write_text(paths["csv"], "\n".join(lines) + "\n")
     plot_losses(losses, paths["png"])
 
@@ -490,13 +506,15 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
         net = build_net(init)
         optimizer = _optimizer(net, config)
         retention = None if config.retain == "none" else Retention(config.retain, config.retain_w, init)
-        start, losses = 0, np.zeros(config.n_epochs)
+        start, losses, norms = 0, np.zeros(config.n_epochs), np.full(config.n_epochs, np.nan)
         if resume_state is not None:
             state = resume_state
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             start = int(state["epoch"])
             losses[:start] = state["train_losses"][:start]
+            if "grad_norms" in state:  # checkpoints written before dqtool recorded them: NaN for those epochs
+                norms[:start] = state["grad_norms"][:start]
             _say(f"resuming {out} at epoch {start} of {config.n_epochs}", quiet)
 
         def on_epoch(iepoch, opt, losses_now):
@@ -505,14 +523,16 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
                 net.save_model(str(paths["checkpoints"] / f"epoch_{done:04d}"))
                 _save_state(resume_file, {"identity": identity, "epoch": done, "net": net.state_dict(),
                                           "optimizer": opt.state_dict(),
-                                          "train_losses": np.array(losses_now[:done])})
+                                          "train_losses": np.array(losses_now[:done]),
+                                          "grad_norms": np.array(norms[:done])})
                 kill_point("train:checkpoint")
             if stop_after is not None and done >= stop_after and done < config.n_epochs:
                 raise _Stopped(done)
 
         try:
             losses, lrs, _ = run_epochs(net, data, flows, config, start_epoch=start, optimizer=optimizer,
-                                        train_losses=losses, on_epoch=on_epoch, quiet=quiet, retention=retention)
+                                        train_losses=losses, on_epoch=on_epoch, quiet=quiet, retention=retention,
+                                        grad_norms=norms)
         except _Stopped:
             return TrainResult(model=out, config=config.to_dict(), provenance=provenance, train_losses=[],
                                learning_rates=[], n_patches=int(keep.size), n_dropped=int(n_dropped),
@@ -527,8 +547,9 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
     result = TrainResult(model=out, config=config.to_dict(), provenance=provenance,
                          train_losses=[float(x) for x in losses], learning_rates=[float(x) for x in lrs],
                          n_patches=int(keep.size), n_dropped=int(n_dropped), diam_labels=diam_labels,
-                         seconds=time.perf_counter() - t0, resumed_from=start, warnings=warns)
-    _write_losses(paths, result.train_losses, result.learning_rates)
+                         seconds=time.perf_counter() - t0, resumed_from=start, warnings=warns,
+                         grad_norms=[float(x) for x in norms])
+    _write_losses(paths, result.train_losses, result.learning_rates, result.grad_norms)
     write_json(paths["json"], {**record, **result.to_dict(), "identity": identity})
     return result
 
@@ -607,7 +628,7 @@ def _check_existing(paths: dict, out: Path, identity: str, resume: bool) -> Trai
                            train_losses=old["train_losses"], learning_rates=old["learning_rates"],
                            n_patches=old["n_patches"], n_dropped=old["n_dropped"], diam_labels=old["diam_labels"],
                            seconds=old["seconds"], resumed_from=old.get("resumed_from", 0),
-                           warnings=old.get("warnings", []))
+                           warnings=old.get("warnings", []), grad_norms=old.get("grad_norms", []))
     if not resume:
         raise InputError(f"{out}: a previous run with this config did not finish; pass --resume to continue "
                          "from its last checkpoint, or choose another --out")
