@@ -102,17 +102,7 @@ def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     from dqtool.data.ome_zarr import find_ome_zarr_images
 
     if zarr_images := find_ome_zarr_images(images):
-        import dataclasses
-
-        from dqtool.segmentation.tiled import predict_ome_zarr
-
-        net = load_model(model)
-
-        def run(region, channels, normalize):
-            return segment(net, region, dataclasses.replace(options, channels=channels), normalize=normalize)
-
-        return [predict_ome_zarr(run, p, out_dir, options.channels, level=level, tile=tile, overlap=overlap,
-                                 quiet=quiet) for p in zarr_images]
+        return _predict_ome_zarr_images(model, zarr_images, out_dir, options, quiet, level, tile, overlap, cluster)
     files = list_input_images(images)
     if cluster is not None and cluster.active:  # one image a Dask task; this process writes every mask
         import functools
@@ -141,16 +131,61 @@ def predict(model: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     return written
 
 
-_WORKER_NET: dict = {}  # on a Dask worker: the last model loaded, by (path, size, mtime)
+def _predict_ome_zarr_images(model, zarr_images, out_dir, options, quiet, level, tile, overlap, cluster):
+    """Each OME-Zarr image tile by tile (:func:`dqtool.segmentation.tiled.predict_ome_zarr`); with a cluster,
+    one tile a Dask task (the worker reads its region from the image and segments it), and this process
+    stitches the tiles in order and writes the labels: the serial run's bytes."""
+    import dataclasses
+    import functools
+
+    from dqtool.common.cluster import connect, iter_tasks
+    from dqtool.segmentation.tiled import predict_ome_zarr
+
+    model = str(Path(model).absolute())
+    if cluster is not None and cluster.active:
+        from dqtool.segmentation.model_files import load_state_dict
+
+        load_state_dict(model)  # a bad model file is one error here, not one per task
+    else:
+        _cached_net(model)  # the same check; the tiles then reuse the loaded network
+    written = []
+    with connect(cluster, quiet) as bound:
+        for path in zarr_images:
+            def segment_tiles(boxes, channels, normalize, path=Path(path).absolute()):
+                task = functools.partial(predict_tile, image=str(path), level=level, model=model,
+                                         options=dataclasses.replace(options, channels=channels),
+                                         normalize=normalize)
+                return iter_tasks(task, boxes, bound, kind="predict-tile", desc="tiles", quiet=quiet, unit="tile")
+
+            written.append(predict_ome_zarr(segment_tiles, path, out_dir, options.channels, level=level, tile=tile,
+                                            overlap=overlap))
+    return written
 
 
-def predict_file(path: str | os.PathLike, model: str, options: PredictOptions = PredictOptions()) -> np.ndarray:
-    """Masks of the image file ``path`` (a Dask task of ``predict --workers``; the worker reads the image and
-    loads the model once, the client writes the masks): what the serial loop computes for it."""
+_WORKER_NET: dict = {}  # in a Dask worker (or this process): the last model loaded, by (path, size, mtime)
+
+
+def _cached_net(model: str):
     stat = os.stat(model)
     key = (str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns)
     net = _WORKER_NET.get(key)
     if net is None:
         _WORKER_NET.clear()
         net = _WORKER_NET[key] = load_model(model)
-    return segment(net, read_image(path), options)
+    return net
+
+
+def predict_file(path: str | os.PathLike, model: str, options: PredictOptions = PredictOptions()) -> np.ndarray:
+    """Masks of the image file ``path`` (a Dask task of ``predict --workers``; the worker reads the image and
+    loads the model once, the client writes the masks): what the serial loop computes for it."""
+    return segment(_cached_net(model), read_image(path), options)
+
+
+def predict_tile(box: tuple[int, int, int, int], image: str, level: int, model: str, options: PredictOptions,
+                 normalize) -> np.ndarray:
+    """Masks of the region ``box`` = (y0, y1, x0, x1) of the OME-Zarr ``image`` at ``level``, normalised with
+    the whole image's bounds ``normalize`` (one tile of ``predict`` on an OME-Zarr image: a Dask task, or the
+    serial loop's step; the image is opened read-only, the client stitches and writes)."""
+    from dqtool.data.ome_zarr import open_ome_zarr
+
+    return segment(_cached_net(model), open_ome_zarr(image, level).read(*box), options, normalize=normalize)

@@ -9,6 +9,10 @@ whole (pixels in the overlap included). A cell narrower than ``overlap / 2`` is 
 that owns it, so it comes out as it would from the whole image; pixels already claimed by a neighbour's
 instance stay with it. Ids are consecutive over the image in tile order. The label image is written
 region by region into an OME-Zarr array: memory is a few tiles, never the image.
+
+Tiles are segmented independently, so ``predict --workers/--scheduler`` runs one tile a Dask task (the
+worker opens the image read-only and reads its region); this process stitches them in tile order and is the
+only writer, so the label image is the serial run's, byte for byte.
 """
 
 from __future__ import annotations
@@ -50,34 +54,56 @@ def owned_instances(masks: np.ndarray, core: tuple[int, int, int, int]) -> np.nd
     return ids[keep]
 
 
+def tile_boxes(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of every tile of an image of ``shape``, in stitching order (rows, then columns)."""
+    rows, cols = tile_cores(shape[0], tile, overlap), tile_cores(shape[1], tile, overlap)
+    return [(ys, ye, xs, xe) for ys, ye, _, _ in rows for xs, xe, _, _ in cols]
+
+
+def stitch_masks(tile_masks, out_array, tile: int = 1024, overlap: int = 128, progress=None) -> int:
+    """Fill ``out_array`` ((H, W) uint32, zeros) from the masks of each tile of :func:`tile_boxes`, given in
+    that order (an iterable: a tile's masks may arrive from a Dask worker); returns how many instances.
+
+    Ids are given in tile order, so the result depends only on the masks, never on where they were computed.
+    """
+    height, width = out_array.shape
+    rows, cols = tile_cores(height, tile, overlap), tile_cores(width, tile, overlap)
+    cores = [(ys, ye, xs, xe, cy0, cy1, cx0, cx1) for ys, ye, cy0, cy1 in rows for xs, xe, cx0, cx1 in cols]
+    next_id = 1
+    seen = 0
+    for (ys, ye, xs, xe, cy0, cy1, cx0, cx1), masks in zip(cores, tile_masks):
+        seen += 1
+        masks = np.asarray(masks)
+        if masks.shape != (ye - ys, xe - xs):
+            raise ValueError(f"tile {seen}: masks of shape {masks.shape}, expected {(ye - ys, xe - xs)}")
+        ids = owned_instances(masks, (cy0 - ys, cy1 - ys, cx0 - xs, cx1 - xs))
+        if ids.size:
+            lut = np.zeros(int(masks.max()) + 1, np.int64)
+            lut[ids] = np.arange(1, ids.size + 1)
+            owned = lut[masks]
+            region = np.asarray(out_array[ys:ye, xs:xe])
+            free = (region == 0) & (owned > 0)
+            got = np.unique(owned[free])  # an instance a neighbour fully claimed gets no id
+            final = np.zeros(ids.size + 1, np.uint32)
+            final[got] = np.arange(next_id, next_id + got.size, dtype=np.uint32)
+            region[free] = final[owned[free]]
+            out_array[ys:ye, xs:xe] = region
+            next_id += got.size
+        if progress is not None:
+            progress.update(1)
+    if seen != len(cores):
+        raise ValueError(f"{seen} tiles of masks for {len(cores)} tiles")
+    return next_id - 1
+
+
 def stitch_tiles(segment, read_image, out_array, tile: int = 1024, overlap: int = 128, progress=None) -> int:
     """Fill ``out_array`` ((H, W) uint32, zeros) with the stitched instances; returns how many there are.
 
     ``segment(region) -> masks`` segments one tile; ``read_image(y0, y1, x0, x1)`` reads one region of
     the input. ``out_array`` is anything with NumPy slicing (a Zarr array, a NumPy array).
     """
-    height, width = out_array.shape
-    rows, cols = tile_cores(height, tile, overlap), tile_cores(width, tile, overlap)
-    next_id = 1
-    for ys, ye, cy0, cy1 in rows:
-        for xs, xe, cx0, cx1 in cols:
-            masks = np.asarray(segment(read_image(ys, ye, xs, xe)))
-            ids = owned_instances(masks, (cy0 - ys, cy1 - ys, cx0 - xs, cx1 - xs))
-            if ids.size:
-                lut = np.zeros(int(masks.max()) + 1, np.int64)
-                lut[ids] = np.arange(1, ids.size + 1)
-                owned = lut[masks]
-                region = np.asarray(out_array[ys:ye, xs:xe])
-                free = (region == 0) & (owned > 0)
-                got = np.unique(owned[free])  # an instance a neighbour fully claimed gets no id
-                final = np.zeros(ids.size + 1, np.uint32)
-                final[got] = np.arange(next_id, next_id + got.size, dtype=np.uint32)
-                region[free] = final[owned[free]]
-                out_array[ys:ye, xs:xe] = region
-                next_id += got.size
-            if progress is not None:
-                progress.update(1)
-    return next_id - 1
+    boxes = tile_boxes(out_array.shape, tile, overlap)
+    return stitch_masks((segment(read_image(*box)) for box in boxes), out_array, tile, overlap, progress)
 
 
 def cellpose_lowhigh(image, channels: tuple[int, int]) -> np.ndarray:
@@ -103,19 +129,20 @@ def cellpose_lowhigh(image, channels: tuple[int, int]) -> np.ndarray:
     return np.asarray(bounds)
 
 
-def predict_ome_zarr(segment, image_path: str | os.PathLike, out_dir: str | os.PathLike,
-                     channels: tuple[int, int] = (0, 0), level: int = 0, tile: int = 1024, overlap: int = 128,
-                     quiet: bool = True) -> Path:
+def predict_ome_zarr(segment_tiles, image_path: str | os.PathLike, out_dir: str | os.PathLike,
+                     channels: tuple[int, int] = (0, 0), level: int = 0, tile: int = 1024, overlap: int = 128
+                     ) -> Path:
     """Segment an OME-Zarr image into ``out_dir/<name>_cp_masks.ome.zarr``, an OME-Zarr label image.
 
-    ``segment(region, channels, normalize) -> masks`` segments one tile (``dqtool predict`` passes Cellpose's
-    eval); ``normalize`` is Cellpose's ``{"lowhigh": ...}`` from the whole image (:func:`cellpose_lowhigh`),
-    so that every tile is normalised as the whole image would be.
+    ``segment_tiles(boxes, channels, normalize)`` yields the masks of each tile box ``(y0, y1, x0, x1)`` of
+    :func:`tile_boxes`, in that order (``dqtool predict`` runs Cellpose's eval on each, in this process or
+    as one Dask task a tile, :func:`dqtool.segmentation.predict.predict`); ``normalize`` is Cellpose's
+    ``{"lowhigh": ...}`` from the whole image (:func:`cellpose_lowhigh`), so that every tile is normalised
+    as the whole image would be. This process alone writes the output, stitching in tile order.
     Channels: a single-channel image is read as grayscale (channels 0,0); with several channels,
     ``channels`` (Cellpose's 1-based cytoplasm, nucleus pair) must choose them, else the error names the
     file. The output has the level's scale and is renamed into place when whole.
     """
-    from dqtool.common.progress import bar
     from dqtool.data.ome_zarr import finish_ome_zarr, open_ome_zarr, write_ome_zarr_labels
 
     image = open_ome_zarr(image_path, level)
@@ -134,15 +161,15 @@ def predict_ome_zarr(segment, image_path: str | os.PathLike, out_dir: str | os.P
     target = out_dir / f"{name}_cp_masks.ome.zarr"
     scale = [image.scale[image.axes.index(a)] for a in ("y", "x")]
     out_array, tmp = write_ome_zarr_labels(target, image.shape, scale=scale, chunks=min(tile, 1024))
-    n_tiles = len(tile_cores(image.shape[0], tile, overlap)) * len(tile_cores(image.shape[1], tile, overlap))
-    progress = bar(n_tiles, desc="tiles", quiet=quiet, unit="tile")
+    masks_of = None
     try:
         normalize = {"lowhigh": cellpose_lowhigh(image, channels)}
-        stitch_tiles(lambda region: segment(region, channels, normalize), image.read, out_array, tile, overlap,
-                     progress)
+        masks_of = segment_tiles(tile_boxes(image.shape, tile, overlap), channels, normalize)
+        stitch_masks(masks_of, out_array, tile, overlap)
         return finish_ome_zarr(tmp, target)
     finally:
-        progress.close()
+        if masks_of is not None and hasattr(masks_of, "close"):
+            masks_of.close()  # ends the Dask tasks still in flight (on an error)
         if tmp.exists():
             import shutil
 
