@@ -107,3 +107,116 @@ def test_retention_rows_are_scored_on_val_and_test_and_one_w_is_chosen_per_direc
     # the scratch model the reverse finetunings start from trained without retention
     scratch = json.loads((study / "models" / "scratch" / "big_all.json").read_text())
     assert "retain" not in scratch["config"]
+
+
+# ---- retain_seeds and replay_reverse: the chosen W, naive finetuning and replay again with more seeds
+
+
+def test_seed_runs_are_planned_per_seed_direction_and_chosen_weight():
+    from dqtool.studies.retention_seeds import plan_seed_runs
+
+    directions = [{"start": "a", "end": "b", "folder": "finetune_b", "replays": [("dq", 0.1, "replay_b_0.1")]},
+                  {"start": "b", "end": "a", "folder": "finetune_b_to_a", "replays": []}]
+    chosen = {("a", "b", "l2sp"): 0.01, ("b", "a", "lwf"): 3.0}
+    runs = plan_seed_runs(directions, chosen, [1, 2])
+    assert [(r.seed, r.start, r.run, r.folder) for r in runs] == [
+        (1, "a", "naive", "finetune_b_seed1"), (1, "a", "l2sp 0.01", "finetune_b_l2sp_0.01_seed1"),
+        (1, "a", "replay dq 0.1", "replay_b_0.1_seed1"),
+        (1, "b", "naive", "finetune_b_to_a_seed1"), (1, "b", "lwf 3", "finetune_b_to_a_lwf_3_seed1"),
+        (2, "a", "naive", "finetune_b_seed2"), (2, "a", "l2sp 0.01", "finetune_b_l2sp_0.01_seed2"),
+        (2, "a", "replay dq 0.1", "replay_b_0.1_seed2"),
+        (2, "b", "naive", "finetune_b_to_a_seed2"), (2, "b", "lwf 3", "finetune_b_to_a_lwf_3_seed2")]
+    assert runs[1].retain == "l2sp" and runs[1].weight == 0.01 and runs[2].replay_rate == 0.1
+
+
+def test_the_seeds_table_measures_the_issue_goal_on_the_means_over_seeds():
+    from dqtool.studies.retention_seeds import seed_row, seeds_table
+
+    def row(run, seed, src, tgt):
+        return seed_row("a", "b", run, seed, {f"a {METRIC}": src, f"b {METRIC}": tgt}, METRIC)
+
+    rows = [row("naive", 0, 0.20, 0.80), row("naive", 1, 0.30, 0.70),           # S_N 0.25, T_N 0.75
+            row("l2sp 0.1", 0, 0.60, 0.74), row("l2sp 0.1", 1, 0.50, 0.75),     # S 0.55, T 0.745
+            row("lwf 1", 0, 0.90, 0.50), row("lwf 1", 1, 0.80, 0.60)]           # S 0.85, T 0.55
+    out = {r["run"]: r for r in seeds_table(rows, {("a", "b"): 0.85}, METRIC)}  # S_0 0.85: naive drops 0.6
+    assert out["l2sp 0.1"]["seeds"] == 2
+    assert out["l2sp 0.1"][f"source {METRIC} mean over seeds"] == pytest.approx(0.55)
+    assert out["l2sp 0.1"][f"source {METRIC} std over seeds"] == pytest.approx(0.1 / math.sqrt(2))
+    assert out["l2sp 0.1"]["drop removed"] == pytest.approx(0.30 / 0.60)      # half the drop: enough
+    assert out["l2sp 0.1"]["target lost"] == pytest.approx(0.005)
+    assert out["l2sp 0.1"]["goal met"] is True
+    assert out["lwf 1"]["drop removed"] == pytest.approx(1.0) and out["lwf 1"]["target lost"] == pytest.approx(0.2)
+    assert out["lwf 1"]["goal met"] is False                                  # keeps the source, loses the target
+    assert out["naive"]["drop removed"] == 0 and out["naive"]["goal met"] is None
+    no_drop = seeds_table(rows, {("a", "b"): 0.1}, METRIC)                    # naive lost nothing: no goal to meet
+    assert all(math.isnan(r["drop removed"]) and r["goal met"] is None for r in no_drop)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"retain_seeds": [1]}, "no 'retain' entries"),
+    ({"retain": [{"method": "l2sp", "weight": 1}], "retain_seeds": [0, 1]}, "other than the study's seed 0"),
+    ({"retain": [{"method": "l2sp", "weight": 1}], "retain_seeds": [1, 1]}, "distinct integer seeds"),
+    ({"retain": [{"method": "l2sp", "weight": 1}], "retain_seeds": "1,2"}, "distinct integer seeds"),
+    ({"replay_reverse": "yes"}, "expected true or false"),
+    ({"replay_reverse": True}, "no 'reverse' targets"),
+])
+def test_a_wrong_seeds_or_reverse_replay_key_is_refused(extra, message):
+    config = {"domains": {"a": {"train": "x", "test": "y"}}, "source": "a", **extra}
+    with pytest.raises(InputError, match=message):
+        check_config(config)
+
+
+@pytest.fixture(scope="module")
+def seeded_study(tmp_path_factory):
+    """The micro study with retain = [l2sp W=0] (so W = 0 is chosen and must equal naive finetuning bit for bit at
+    every seed), random replay at 0.5 both ways (``replay_reverse``), and ``retain_seeds`` [1]."""
+    root = tmp_path_factory.mktemp("retention_seeds")
+    domains = {}
+    for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 5)):
+        for split, (n, s) in {"train": (2, seed), "val": (1, seed + 1), "test": (1, seed + 2)}.items():
+            disc_folder(root / name / split, n, n_cells=5, radius=radius, seed=s)
+        domains[name] = {"train": str(root / name / "train"), "val": str(root / name / "val"),
+                         "test": str(root / name / "test")}
+    config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],
+              "rates": [], "methods": ["random"], "reverse": ["big"], "replay_rates": [0.5],
+              "replay_method": "random", "replay_reverse": True, "sequences": [], "train": TRAIN,
+              "retain": [{"method": "l2sp", "weight": 0}], "retain_seeds": [1]}
+    path = root / "study.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["--quiet", "experiment", str(path), "--out", str(root / "out")])
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_chosen_weight_naive_and_replay_run_again_with_each_seed(seeded_study):
+    out = seeded_study
+    rows = json.loads((out / "tables" / "retention_seeds.json").read_text())
+    assert [(r["start"], r["end"], r["run"], r["seeds"]) for r in rows] == [
+        ("small", "big", "naive", 2), ("small", "big", "l2sp 0", 2), ("small", "big", "replay random 0.5", 2),
+        ("big", "small", "naive", 2), ("big", "small", "l2sp 0", 2), ("big", "small", "replay random 0.5", 2)]
+
+    def model(folder, stage):
+        return (out / folder / "models" / stage).read_bytes()
+
+    # the seed is the finetuning's: seed 1 gives another model than seed 0 ...
+    assert model("finetune_big_seed1", "01_finetune") != model("finetune_big", "01_finetune")
+    # ... W = 0 is still naive finetuning bit for bit at seed 1, both ways, so its row is naive's
+    for naive, zero in (("finetune_big_seed1", "finetune_big_l2sp_0_seed1"),
+                        ("finetune_big_to_small_seed1", "finetune_big_to_small_l2sp_0_seed1")):
+        assert model(naive, "01_finetune") == model(zero, "01_finetune")
+    for a, b in ((rows[0], rows[1]), (rows[3], rows[4])):
+        assert all(a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))
+                   for k in a if k.endswith("over seeds"))
+    # the reverse replay starts from the big domain's scratch model and replays big patches onto small
+    spec = json.loads((out / "replay_big_to_small_0.5_seed1" / "study.json").read_text())
+    assert spec["init"].endswith("scratch/big_all") and spec["source"]["path"].endswith("big.h5")
+    assert json.loads((out / "replay_big_to_small_0.5_seed1" / "models" / "01_replay_random_0.5.json").read_text()
+                      )["config"]["seed"] == 1
+    # the seed-0 runs in the means are the study's own: the transfer table's rows
+    transfer = {r["model"]: r for r in json.loads((out / "tables" / "transfer.json").read_text())}
+    assert "replay random 0.5 big -> small" in transfer
+    seed1 = json.loads((out / "finetune_big_seed1" / "stages.json").read_text())
+    assert rows[0][f"target {METRIC} mean over seeds"] == pytest.approx(
+        (transfer["naive finetune small -> big"][f"big {METRIC}"] + seed1[-1]["scores"]["big"][METRIC]) / 2,
+        nan_ok=True)

@@ -11,7 +11,9 @@ Steps, each reusing what an earlier run of the same config already wrote (models
 6. sequences (Table VII): multi-stage paths (``dqtool.transfer.sequence``);
 7. source-free retention (``retain``, issue 15): the finetunings of step 4 again with each ``--retain``
    method and weight W (:mod:`dqtool.segmentation.retention`), scored on the test splits and on each domain's
-   ``val`` split, where W is chosen (:func:`choose_retain_weights`), never on the test split;
+   ``val`` split, where W is chosen (:func:`choose_retain_weights`), never on the test split; with
+   ``retain_seeds``, naive finetuning, each method at its chosen W and the replays again with each of those
+   seeds (:mod:`dqtool.studies.retention_seeds`: table ``retention_seeds``, the spread and the issue's goal);
 8. the active-learning round (``active``, issue 15): a start model finetuned on patches added by random, DQ,
    k-center and uncertainty selection (:mod:`dqtool.studies.active`), after the other steps.
 
@@ -78,10 +80,13 @@ DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "targ
 #: ``joint`` (targets trained together with the source from scratch, Table V),
 #: ``replay_random_rates`` (random replay beside the DQ one, Table VIII), ``notes`` (free text),
 #: ``retain`` ([{"method": "l2sp"|"lwf", "weight": W}, ...]: the finetunings of Table V again with each),
+#: ``retain_seeds`` (with ``retain``: naive finetuning, each method at its W chosen on val, and the replays again
+#: with these seeds), ``replay_reverse`` (true: the replays also in the reverse direction, the target's scratch
+#: model finetuned on the source with a subset of the target's patches replayed),
 #: ``active`` (the active-learning round, :data:`dqtool.studies.active.ACTIVE_DEFAULTS` for its keys; its random
 #: start model is the redundancy model at ``start_rate``, which joins Table I).
 OPTIONAL = ("data_root", "repeat_seeds", "repeat_rates", "zero_shot_rates", "reverse", "joint",
-            "replay_random_rates", "notes", "metrics", "retain", "active")
+            "replay_random_rates", "notes", "metrics", "retain", "retain_seeds", "replay_reverse", "active")
 #: The rule choosing W on the validation split: the largest source F1 among the weights that keep the target
 #: F1 within this of naive finetuning's (issue 15's goal: lose at most 0.02 target F1).
 RETAIN_TOLERANCE = 0.02
@@ -100,11 +105,12 @@ class ExperimentResult:
     transfer: list[dict] = field(default_factory=list)  # Tables V, VI, VIII: finetuning and replay per target
     sequences: list[dict] = field(default_factory=list)  # Table VII: after each stage of each sequence
     retention: list[dict] = field(default_factory=list)  # issue 15: finetuning with --retain, W chosen on val
+    retention_seeds: list[dict] = field(default_factory=list)  # issue 15: the chosen W, naive and replay over seeds
     active: list[dict] = field(default_factory=list)  # issue 15: the active-learning round, one row per model
 
     def tables(self) -> dict[str, list[dict]]:
         """{table name: rows} of the tables the study filled."""
-        names = ("redundancy", "zero_shot", "transfer", "sequences", "retention", "active")
+        names = ("redundancy", "zero_shot", "transfer", "sequences", "retention", "retention_seeds", "active")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
 
     def to_dict(self) -> dict:
@@ -146,6 +152,19 @@ def check_config(config: dict, where: str = "config") -> dict:
     config["retain"] = [_retain_entry(e, where) for e in config.get("retain", [])] if "retain" in config else []
     if not config["retain"]:
         del config["retain"]
+    if "retain_seeds" in config:
+        seeds = config["retain_seeds"]
+        if not config.get("retain"):
+            raise InputError(f"{where}: retain_seeds: no 'retain' entries whose chosen W they would repeat")
+        if (not isinstance(seeds, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in seeds)
+                or len(set(seeds)) != len(seeds) or int(config["seed"]) in seeds):
+            raise InputError(f"{where}: retain_seeds: {seeds!r}: expected a list of distinct integer seeds other "
+                             f"than the study's seed {config['seed']}")
+    if "replay_reverse" in config:
+        if not isinstance(config["replay_reverse"], bool):
+            raise InputError(f"{where}: replay_reverse: {config['replay_reverse']!r}: expected true or false")
+        if config["replay_reverse"] and not config.get("reverse"):
+            raise InputError(f"{where}: replay_reverse: no 'reverse' targets to replay in the reverse direction")
     if "active" in config:
         from dqtool.studies.active import check_active
 
@@ -346,6 +365,11 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     # from it share one task). All tasks go out as one batch: the source model first, then the transfer
     # tasks (longest first), each waiting only for the source model if it starts from it, then the other
     # redundancy models; the tables are assembled here in the config's order
+    if config.get("replay_reverse") and any(m != "random" for m, _ in _replays(config)):
+        from dqtool.features.embed import embed_cache  # the reverse replays' DQ subsets: features written here,
+                                                       # by the client, before any task reads the cache
+        for target in config.get("reverse", []):
+            embed_cache(caches[target], epochs=config.get("embed_epochs"), seed=tconf.seed, quiet=quiet)
     transfer_jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active,
                                    evals_val)
     batch = [red_jobs[0], *transfer_jobs, *red_jobs[1:]]
@@ -407,11 +431,19 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
         for method, rate in _replays(config):
             transfer_rows.append({"target": target, "model": f"replay {method} {rate:g}",
                                   **_scores_row(done[("replay", target, method, rate)].stages[-1], metrics)})
+            if target in config.get("reverse", []) and config.get("replay_reverse"):
+                transfer_rows.append({"target": target, "model": f"replay {method} {rate:g} {target} -> {source}",
+                                      **_scores_row(done[("replay_reverse", target, method, rate)].stages[-1],
+                                                    metrics)})
     if transfer_rows:
         tables["transfer"] = transfer_rows
     if retain_rows:
         tables["retention"] = choose_retain_weights(retain_rows, naive, metrics[1] if len(metrics) > 1
                                                     else metrics[0])
+        if config.get("retain_seeds"):
+            _emit(out, tables, config)  # the seed-0 tables first: the seeds' batch is as long again
+            tables["retention_seeds"] = _retain_seeds_step(config, caches, evals, out, tconf, source_model, metrics,
+                                                           cluster, quiet, resources, tables, done)
     seq_rows = []
     for k, path in enumerate(config["sequences"]):
         for stage in done[("sequence", k)].stages:
@@ -558,11 +590,15 @@ def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: Tr
             single.append(_TransferJob([(("joint", target), "joint", {
                 "source": source, "target": target, "evals": pair, "metrics": metrics})], **common))
         for method, rate in _replays(config):
-            folder = (out / f"replay_{target}_{rate:g}" if method == config["replay_method"]
-                      else out / f"replay_{target}_{method}_{rate:g}")
             single.append(_TransferJob([(("replay", target, method, rate), "replay", {
-                "init": source_model, "source": caches[source], "target": caches[target], "out_dir": folder,
-                "source_rate": rate, "source_method": method, "evals": pair})], **common))
+                "init": source_model, "source": caches[source], "target": caches[target],
+                "out_dir": out / _replay_folder(config, target, method, rate), "source_rate": rate,
+                "source_method": method, "evals": pair})], **common))
+            if target in config.get("reverse", []) and config.get("replay_reverse"):
+                starts.setdefault(target, []).append((("replay_reverse", target, method, rate), "replay", {
+                    "source": caches[target], "target": caches[source],
+                    "out_dir": out / _replay_folder(config, target, method, rate, reverse=True), "source_rate": rate,
+                    "source_method": method, "evals": pair}))
     for k, path in enumerate(config["sequences"]):
         folder = out / f"sequence_{k}_{'-'.join(path)}"
         if config.get("data") == "synthetic":  # the quick study trains every stage (as it always has)
@@ -578,6 +614,71 @@ def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: Tr
             starts.setdefault(path[0], []).append(call)
     jobs = single + [_TransferJob(calls, scratch=domain, **common) for domain, calls in starts.items()]
     return sorted(jobs, key=lambda j: -j.trainings)  # stable: equal lengths keep the config's order
+
+
+def _replay_folder(config: dict, target: str, method: str, rate: float, reverse: bool = False) -> str:
+    """``replay_<target>[_to_<source>][_<method>]_<rate>``: a replay's study folder (the method named unless it is
+    the config's ``replay_method``)."""
+    way = f"_to_{config['source']}" if reverse else ""
+    return (f"replay_{target}{way}_{rate:g}" if method == config["replay_method"]
+            else f"replay_{target}{way}_{method}_{rate:g}")
+
+
+def _retain_seeds_step(config: dict, caches: dict, evals: dict, out: Path, tconf: TrainConfig, source_model: Path,
+                       metrics: tuple, cluster: Cluster, quiet: bool, resources, tables: dict, done: dict) -> list[dict]:
+    """Step 7b (:mod:`dqtool.studies.retention_seeds`): naive finetuning, every method at the W chosen on val and
+    the replays, again with each of ``retain_seeds`` from the same start models (one batch, one task each,
+    scored on the test splits), then their spread over all seeds with the study's own seed-0 runs."""
+    from dqtool.studies.retention_seeds import plan_seed_runs, seed_row, seeds_table
+
+    source = config["source"]
+    metric = metrics[1] if len(metrics) > 1 else metrics[0]
+    chosen = {(r["start"], r["end"], r["method"]): r["weight"] for r in tables["retention"] if r["chosen"]}
+    directions, first = [], []  # first: the seed-0 rows, from the batch above
+    for target in config["targets"]:
+        ways = [(source, target, ("finetune", target), f"finetune_{target}", source_model, "replay")]
+        if target in config.get("reverse", []):
+            ways.append((target, source, ("reverse", target), f"finetune_{target}_to_{source}",
+                         out / "models" / "scratch" / f"{target}_all", "replay_reverse"))
+        for start, end, key, folder, init, replay_key in ways:
+            replays = [(m, r, _replay_folder(config, target, m, r, reverse=replay_key == "replay_reverse"))
+                       for m, r in _replays(config) if replay_key == "replay" or config.get("replay_reverse")]
+            directions.append({"start": start, "end": end, "folder": folder, "replays": replays, "init": init,
+                               "target_cache": caches[end], "start_cache": caches[start], "pair": {
+                                   source: evals[source], target: evals[target]}})
+            stages = done[key].stages
+            directions[-1]["start_score"] = _scores_row(stages[0], metrics).get(f"{start} {metric}", float("nan"))
+            first.append(seed_row(start, end, "naive", tconf.seed, _scores_row(stages[-1], metrics), metric))
+            for (s, e, m), w in chosen.items():
+                if (s, e) == (start, end):
+                    first.append(seed_row(start, end, f"{m} {w:g}", tconf.seed,
+                                          _scores_row(done[(*key, m, w)].stages[-1], metrics), metric))
+            for m, r, _ in replays:
+                first.append(seed_row(start, end, f"replay {m} {r:g}", tconf.seed,
+                                      _scores_row(done[(replay_key, target, m, r)].stages[-1], metrics), metric))
+    runs = plan_seed_runs(directions, chosen, list(config["retain_seeds"]))
+    way = {(d["start"], d["end"]): d for d in directions}
+    common = {"caches": caches, "out": out, "config": tconf, "quiet": quiet or cluster.active,
+              "known_evals": (out / "models" / "redundancy" / "evals",)}
+    jobs = []
+    for run in runs:
+        d = way[(run.start, run.end)]
+        conf = dataclasses.replace(tconf, seed=run.seed, **({"retain": run.retain, "retain_weight": run.weight}
+                                                           if run.retain else {}))
+        kwargs = {"init": d["init"], "target": d["target_cache"], "out_dir": out / run.folder, "evals": d["pair"],
+                  "config": conf}
+        if run.replay_method is None:
+            jobs.append(_TransferJob([(run, "finetune", kwargs)], **common))
+        else:
+            jobs.append(_TransferJob([(run, "replay", {**kwargs, "source": d["start_cache"],
+                                                       "source_rate": run.replay_rate,
+                                                       "source_method": run.replay_method})], **common))
+    results = train_models(_study_task, jobs, cluster, desc="retention seeds", quiet=quiet, resources=resources)
+    rows = list(first)
+    for run, result in zip(runs, results):
+        rows.append(seed_row(run.start, run.end, run.run, run.seed, _scores_row(result[run].stages[-1], metrics),
+                             metric))
+    return seeds_table(rows, {k: d["start_score"] for k, d in way.items()}, metric)
 
 
 def choose_retain_weights(rows: list[dict], naive: dict, metric: str, tolerance: float = RETAIN_TOLERANCE) -> list[dict]:
@@ -723,6 +824,10 @@ def _report(out: Path, tables: dict, config: dict) -> Path:
               "sequences": "Sequential transfer (Table VII); forgetting matrices in sequence_*/forgetting.md",
               "retention": "Finetuning without the source data (--retain), W chosen on the validation splits "
                            f"(target kept within {RETAIN_TOLERANCE} of naive finetuning, then the best source)",
+              "retention_seeds": "Retention over seeds: naive finetuning, each method at its chosen W and replay "
+                                 "(means and stds over seeds of the test scores; drop removed = (S - S_naive) / "
+                                 "(S_start - S_naive) on the source, target lost = T_naive - T; goal: removed >= 0.5 "
+                                 "and lost <= 0.02)",
               "active": "Active-learning round: a start model finetuned on the patches added by each selection "
                         "('new': not annotated before), scored on the source test split",
               "active_seeds": "Active-learning round: mean and std over seeds"}
