@@ -88,6 +88,7 @@ def test_real_retention_config_parses_and_names_real_images_apart():
     root = _data_root(path, raw)
     real = json.loads((STUDIES / "real.json").read_text())
     assert config["retain"] and {e["method"] for e in config["retain"]} == {"l2sp", "lwf"}
+    assert config["retain_seeds"] == [1, 2] and config["replay_reverse"] is True  # three seeds, replay both ways
     for name, spec in raw["domains"].items():
         every = {s.name for s in open_dataset(root / spec["root"], format=spec.get("format"))}
         assert set(spec["val"]) <= every and set(spec["test"]) <= every, name
