@@ -98,6 +98,54 @@ def test_learning_rate_schedule_is_train_segs(n_epochs, tmp_path, monkeypatch):
         assert torch.equal(v, our_net.state_dict()[k]), k
 
 
+def test_patches_prepared_on_demand_equal_cellposes_up_front_preparation():
+    """Each patch's normalised image and flows, computed when first drawn, are Cellpose's ``_reshape_norm`` and
+    ``labels_to_flows`` of the whole list (float32, bit for bit), and the label diameters are its flows'."""
+    from cellpose import dynamics, models, utils
+    from cellpose.train import _reshape_norm
+
+    images, labels = disc_images(n_images=5, size=48, n_cells=6, radius=(3, 6), seed=2)
+    labels[2][:] = 0  # dropped (no mask): positions shift
+    labels[4][labels[4] == labels[4].max()] = 1000  # not consecutive: labels_to_flows renumbers a copy
+    data, flows, keep, _ = prepare_patches(np.stack(images)[..., None], np.stack(labels), (0, 0), 1)
+    assert list(keep) == [0, 1, 3, 4] and len(data) == len(flows) == 4 and flows.computed == 0
+    ref_flows = dynamics.labels_to_flows([np.array(labels[i], dtype=np.int64) for i in keep],
+                                         device=torch.device("cpu"))
+    ref_data = _reshape_norm([images[i] for i in keep], channels=[0, 0],
+                             normalize_params={**models.normalize_default, "normalize": True})
+    for j in (3, 0, 3):  # any order, twice
+        assert flows[j].dtype == np.float32 and np.array_equal(flows[j], ref_flows[j])
+        assert np.array_equal(data[j], ref_data[j].astype(np.float32))
+    assert flows.computed == 2 and data.computed == 2
+    np.testing.assert_array_equal(flows.diameters(), [utils.diameters(f[0])[0] for f in ref_flows])
+    assert labels[4].max() == 1000  # the caller's labels are left as they were
+
+
+def test_a_few_patches_per_epoch_give_train_segs_weights_and_prepare_only_those(tmp_path):
+    """nimg_per_epoch below the number of patches (the studies' setting): train_seg's weights, and only the
+    patches an epoch drew had their flows computed."""
+    images, labels = disc_images(n_images=20, size=32, n_cells=6, radius=(3, 5), seed=3)
+    config = TrainConfig(n_epochs=12, nimg_per_epoch=2, **{**TINY, "batch_size": 2, "save_every": 50})
+    torch.manual_seed(0)
+    ref_net = _FakeNet()
+    our_net = copy.deepcopy(ref_net)
+    from cellpose.train import train_seg
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        _, ref_losses, _ = train_seg(ref_net, train_data=list(images), train_labels=[lb.copy() for lb in labels],
+                                     channels=[0, 0], normalize=True, SGD=config.sgd, learning_rate=config.learning_rate,
+                                     weight_decay=config.weight_decay, momentum=config.momentum, n_epochs=12,
+                                     bsize=32, batch_size=2, nimg_per_epoch=2, save_path=str(tmp_path),
+                                     model_name="reference", min_train_masks=1, save_every=10 ** 6)
+    data, flows, _, _ = prepare_patches(np.stack(images)[..., None], np.stack(labels), (0, 0), 1)
+    with torch.backends.mkldnn.flags(enabled=False):
+        losses, _, _ = run_epochs(our_net, data, flows, config)
+    np.testing.assert_array_equal(losses, ref_losses)
+    for k, v in ref_net.state_dict().items():
+        assert torch.equal(v, our_net.state_dict()[k]), k
+    assert flows.computed < len(flows)  # 12 epochs x 2 draws of 20 patches: some never drawn
+
+
 def test_loop_gives_train_segs_weights_on_cellpose_net(tmp_path):
     """Same data, seed 0, real Cellpose network: our loop and train_seg end with identical weights."""
     images, labels = disc_images(n_images=2, size=64, n_cells=8)
