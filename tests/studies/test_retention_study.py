@@ -65,7 +65,13 @@ def test_no_retain_key_leaves_the_config_as_it_was():
 def study(tmp_path_factory):
     """Two tiny domains with train, val and test folders; the source model, naive finetuning both ways, and
     L2-SP at W = 0 (naive, bit for bit) and W = 5, both ways."""
-    root = tmp_path_factory.mktemp("retention")
+    return _micro_study(tmp_path_factory.mktemp("retention"), replay_rates=[],
+                        retain=[{"method": "l2sp", "weight": 0}, {"method": "l2sp", "weight": 5}])
+
+
+def _micro_study(root, **config):
+    """Two tiny domains (small and big discs) with train, val and test folders; the study ``config`` (over the
+    defaults: source small, target big, both ways, no redundancy models, no sequences) run in ``root/out``."""
     domains = {}
     for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 5)):
         for split, (n, s) in {"train": (2, seed), "val": (1, seed + 1), "test": (1, seed + 2)}.items():
@@ -73,8 +79,7 @@ def study(tmp_path_factory):
         domains[name] = {"train": str(root / name / "train"), "val": str(root / name / "val"),
                          "test": str(root / name / "test")}
     config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],
-              "rates": [], "methods": ["random"], "reverse": ["big"], "replay_rates": [], "sequences": [],
-              "train": TRAIN, "retain": [{"method": "l2sp", "weight": 0}, {"method": "l2sp", "weight": 5}]}
+              "rates": [], "methods": ["random"], "reverse": ["big"], "sequences": [], "train": TRAIN, **config}
     path = root / "study.json"
     path.write_text(json.dumps(config))
     result = CliRunner().invoke(cli, ["--quiet", "experiment", str(path), "--out", str(root / "out")])
@@ -170,22 +175,8 @@ def test_a_wrong_seeds_or_reverse_replay_key_is_refused(extra, message):
 def seeded_study(tmp_path_factory):
     """The micro study with retain = [l2sp W=0] (so W = 0 is chosen and must equal naive finetuning bit for bit at
     every seed), random replay at 0.5 both ways (``replay_reverse``), and ``retain_seeds`` [1]."""
-    root = tmp_path_factory.mktemp("retention_seeds")
-    domains = {}
-    for name, radius, seed in (("small", (4.0, 6.0), 1), ("big", (7.0, 9.0), 5)):
-        for split, (n, s) in {"train": (2, seed), "val": (1, seed + 1), "test": (1, seed + 2)}.items():
-            disc_folder(root / name / split, n, n_cells=5, radius=radius, seed=s)
-        domains[name] = {"train": str(root / name / "train"), "val": str(root / name / "val"),
-                         "test": str(root / name / "test")}
-    config = {"domains": domains, "patch": {"size": 32, "stride": 32}, "source": "small", "targets": ["big"],
-              "rates": [], "methods": ["random"], "reverse": ["big"], "replay_rates": [0.5],
-              "replay_method": "random", "replay_reverse": True, "sequences": [], "train": TRAIN,
-              "retain": [{"method": "l2sp", "weight": 0}], "retain_seeds": [1]}
-    path = root / "study.json"
-    path.write_text(json.dumps(config))
-    result = CliRunner().invoke(cli, ["--quiet", "experiment", str(path), "--out", str(root / "out")])
-    assert result.exit_code == 0, result.output
-    return root / "out"
+    return _micro_study(tmp_path_factory.mktemp("retention_seeds"), replay_rates=[0.5], replay_method="random",
+                        replay_reverse=True, retain=[{"method": "l2sp", "weight": 0}], retain_seeds=[1])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
