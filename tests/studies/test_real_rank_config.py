@@ -107,6 +107,8 @@ def test_real_rank_config_runs_in_miniature(tmp_path):
     copied = [p for p in out.rglob("*") if p.suffix.lower() in (".tif", ".tiff", ".png", ".xml", ".jpg")
               and p.name not in plots and not p.name.endswith("_loss.png")]
     assert not copied, copied
+    variants = json.loads((out / "variants_correlations.json").read_text())  # the options side by side
+    assert {r["variant"] for r in variants} == {"default", *(v["name"] for v in raw["variants"])}
     # a member whose recorded settings differ is refused, not reused (before any training or ranking)
     changed = json.loads(json.dumps(mini))
     changed["bank"][0]["steps"] = 3
@@ -200,3 +202,60 @@ def test_cli_rank_study_config_parses_and_calls_the_library(tmp_path, monkeypatc
     res = CliRunner().invoke(cli, ["rank-study", "--data-root", str(tmp_path), "--out", out])
     assert res.exit_code == 2 and "--data-root goes with --config" in res.output
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("variants, message", [
+    ({"name": "x"}, "expected a list"),
+    ([{"dropout_site": "bottleneck"}], "variant 1: expected"),
+    ([{"name": "default", "empty": "skip"}], "not 'default'"),
+    ([{"name": "v", "empty": "skip"}, {"name": "v", "empty": "worst"}], "variant name 'v'"),
+    ([{"name": "v", "site": "bottleneck"}], "unknown keys site"),
+    ([{"name": "v", "dropout_site": "encoder"}], "dropout_site 'encoder': expected one of decoder, bottleneck"),
+    ([{"name": "v", "empty": "median"}], "empty 'median'"),
+    ([{"name": "v", "perturbations": ["gamma"]}], "the study ranks with"),
+])
+def test_a_wrong_variant_is_refused(tmp_path, variants, message):
+    from dqtool.studies.real_rank import check_rank_config
+
+    with pytest.raises(InputError, match=message):
+        check_rank_config({**_tiny_config(tmp_path, train=["b"]), "perturbations": ["dropout", "noise"],
+                           "variants": variants})
+
+
+def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_default(tmp_path):
+    """Each variant's ranking is the one ``rank_bank`` gives with its options alone, without a cache (the shared
+    unperturbed predictions change nothing), and the table holds the default's rows and each variant's."""
+    from dqtool.ranking.rank import rank_bank
+    from dqtool.studies.real_rank import rank_study_config
+
+    _tiny_set(tmp_path / "data" / "set", names=("a", "b", "c", "d"))
+    config = {"data_root": str(tmp_path / "data"), "target": {"name": "t", "root": "set", "images": ["a", "d"]},
+              "bank": [{"name": "m1", "root": "set", "steps": 2, "train": ["b"]},
+                       {"name": "m2", "root": "set", "steps": 3, "train": ["c"]}],
+              "patch": {"size": 32, "stride": 32}, "perturbations": ["dropout", "noise"],
+              "train": {"bsize": 32, "batch_size": 2, "nimg_per_epoch": 2, "min_train_masks": 1, "save_every": 50},
+              "variants": [{"name": "bottleneck", "dropout_site": "bottleneck", "perturbations": ["dropout"]},
+                           {"name": "skip", "empty": "skip"}]}
+    out = tmp_path / "out"
+    rank_study_config(config, out, quiet=True)
+    rows = json.loads((out / "variants_correlations.json").read_text())
+    seen = {(r["variant"], r["perturbation"], r["dropout_site"], r["empty"]) for r in rows}
+    assert seen == {("default", "dropout", "decoder", "worst"), ("default", "noise", "decoder", "worst"),
+                    ("bottleneck", "dropout", "bottleneck", "worst"), ("skip", "dropout", "decoder", "skip"),
+                    ("skip", "noise", "decoder", "skip")}
+    default = json.loads((out / "study_correlations.json").read_text())
+    assert [{k: v for k, v in r.items() if k not in ("variant", "dropout_site", "dropout_draw", "empty")}
+            for r in rows if r["variant"] == "default"] == default
+    for name, kind, options in (("bottleneck", "dropout", {"dropout_site": "bottleneck"}),
+                                ("skip", "noise", {"empty": "skip"})):
+        alone = rank_bank(out / "bank", out / "splits" / "target.json", labels=out / "splits" / "target.json",
+                          perturbations=[kind], out=tmp_path / f"alone_{name}", cache=False, subfolders=True,
+                          **options)
+        recorded = json.loads((out / "variants" / name / kind / "rank.json").read_text())
+        assert alone.results[kind].options == {k: recorded[k] for k in ("dropout_site", "dropout_draw", "empty")}
+        assert {k: recorded[k] for k in options} == options
+        assert (tmp_path / f"alone_{name}" / kind / "ranking.csv").read_bytes() == \
+            (out / "variants" / name / kind / "ranking.csv").read_bytes()
+    assert not (out / "variants" / "bottleneck" / "cache").exists()  # the study's cache, not one of its own
+    # 2 models x 1 image content (a and d hold the same pixels), stored once by the study and only read after
+    assert len(list((out / "rank" / "cache").glob("*.npz"))) == 2

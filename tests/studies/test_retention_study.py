@@ -65,8 +65,34 @@ def test_no_retain_key_leaves_the_config_as_it_was():
 def study(tmp_path_factory):
     """Two tiny domains with train, val and test folders; the source model, naive finetuning both ways, and
     L2-SP at W = 0 (naive, bit for bit) and W = 5, both ways."""
-    return _micro_study(tmp_path_factory.mktemp("retention"), replay_rates=[],
-                        retain=[{"method": "l2sp", "weight": 0}, {"method": "l2sp", "weight": 5}])
+    from dqtool.common.files import file_sha256
+    from dqtool.segmentation import transfer as transfer_module
+
+    evaluate = transfer_module.evaluate_model
+
+    def counted(model, test_dir, *args, **kwargs):
+        SCORED.append((file_sha256(model), str(test_dir)))
+        return evaluate(model, test_dir, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transfer_module, "evaluate_model", counted)
+        return _micro_study(tmp_path_factory.mktemp("retention"), replay_rates=[],
+                            retain=[{"method": "l2sp", "weight": 0}, {"method": "l2sp", "weight": 5}])
+
+
+SCORED: list = []  # (model sha256, test split) of every evaluation the `study` fixture ran
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_scratch_model_the_reverse_runs_start_from_is_scored_once_per_split(study):
+    """Its own task trains and scores it; the three reverse finetunings (naive, W = 0, W = 5), tasks of their own,
+    reuse its records instead of scoring it again each."""
+    from dqtool.common.files import file_sha256
+
+    scratch = file_sha256(study / "models" / "scratch" / "big_all")
+    splits = sorted(t for sha, t in SCORED if sha == scratch)
+    assert splits and len(splits) == len(set(splits)) == 4, splits  # small and big, test and val: once each
+    assert (study / "models" / "scratch" / "evals").is_dir()
 
 
 def _micro_study(root, **config):

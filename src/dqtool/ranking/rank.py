@@ -677,7 +677,8 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
               score: str = "adapted_rand", seed: int = 0, diameter: float | None = None, batch_size: int = 8,
               quiet: bool = True, cache: bool = True, builtin=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
               dropout_draw: str = DEFAULT_DROPOUT_DRAW, empty: str = DEFAULT_EMPTY,
-              cluster: Cluster | None = None, subfolders: bool = False) -> BankRanking:
+              cluster: Cluster | None = None, subfolders: bool = False,
+              cache_dir: str | os.PathLike | None = None) -> BankRanking:
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
@@ -689,7 +690,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     ``out``: one perturbation writes ranking.{csv,md,json}, per_image.*, rank.json, ranking.png and,
     with ``labels``, validation.* into ``out``; several (or one, with ``subfolders``) write them into
     ``out/<perturbation>/``, the same files a run with that perturbation alone writes. The unperturbed predictions are cached in
-    ``out/cache/`` unless ``cache`` is False. ``out`` is one of dqtool's output folders
+    ``out/cache/`` (or ``cache_dir``: a study's variants share one) unless ``cache`` is False. ``out`` is one of dqtool's output folders
     (:func:`dqtool.common.outputs.writing_folder`: never an input or a lab's non-empty folder; one writer at
     a time). ``builtin`` (``"cyto3,nuclei"`` or a list) adds Cellpose's
     built-in models by name, read from Cellpose's model folder and never downloaded
@@ -732,7 +733,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     settings = EvalSettings(diameter=diameter, batch_size=batch_size)
     store = None
     if cache and out is not None:
-        store = OutputsCache(Path(out) / "cache", settings.key())
+        store = OutputsCache(Path(cache_dir) if cache_dir is not None else Path(out) / "cache", settings.key())
         image_shas = [file_sha256(f) for f in files]
     else:
         image_shas = [""] * len(files)

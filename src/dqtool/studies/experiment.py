@@ -373,7 +373,10 @@ def _run_experiment(config: dict, out: Path, quiet: bool, cluster: Cluster = SER
     transfer_jobs = _transfer_jobs(config, caches, evals, out, tconf, source_model, metrics, quiet or cluster.active,
                                    evals_val)
     batch = [red_jobs[0], *transfer_jobs, *red_jobs[1:]]
-    after = [()] + [(0,) if job.starts_from(source_model) else () for job in transfer_jobs]
+    made_by = {source_model: 0}  # a model the batch writes -> the index of its task
+    made_by.update({job.makes: 1 + i for i, job in enumerate(transfer_jobs) if job.makes is not None})
+    after = [()] + [tuple(sorted({made_by[m] for m in job.starts_from() if m in made_by}))
+                    for job in transfer_jobs]
     after += [()] * (len(red_jobs) - 1)
     results = train_models(_study_task, batch, cluster, desc="study models", quiet=quiet, resources=resources,
                            after=after)
@@ -506,9 +509,11 @@ def _replays(config: dict) -> list[tuple[str, float]]:
 class _TransferJob:
     """One task of steps 4-6: ``calls`` [(key, what, kwargs)] run in order in one process.
 
-    ``scratch`` (a domain): its from-scratch model is trained first and is the ``init`` of every call (a
-    reverse finetuning, a sequence that starts there), so that model has one writer. Each call writes only
-    its own study folder; ``what`` names :func:`finetune`, :func:`replay`, :func:`sequence` or ``joint``.
+    ``scratch`` (a domain): the task trains that domain's from-scratch model (its one writer) and scores it on
+    ``scratch_evals`` (``OUT/models/scratch/evals``); the runs that start from it (a reverse finetuning, a
+    sequence that starts there) are tasks of their own that wait for it and reuse those records. Each call
+    writes only its own study folder; ``what`` names :func:`finetune`, :func:`replay`, :func:`sequence` or
+    ``joint``.
     """
 
     calls: list
@@ -517,11 +522,17 @@ class _TransferJob:
     out: Path = Path(".")
     config: TrainConfig | None = None
     quiet: bool = True
-    known_evals: tuple = ()  # evaluation folders written before the task starts (the source model's records)
+    known_evals: tuple = ()  # evaluation folders written before the task starts (the start models' records)
+    scratch_evals: dict = field(default_factory=dict)  # where the scratch model is scored for the runs from it
 
-    def starts_from(self, model: Path) -> bool:
-        """Whether a call of this task starts from ``model`` (so the task waits until it exists)."""
-        return any(kwargs.get("init") == model for _, _, kwargs in self.calls)
+    def starts_from(self) -> set:
+        """The models its calls start from (the task waits for the tasks that write them)."""
+        return {kwargs["init"] for _, _, kwargs in self.calls if kwargs.get("init") is not None}
+
+    @property
+    def makes(self) -> Path | None:
+        """The from-scratch model this task trains (others start from it), if any."""
+        return None if self.scratch is None else _scratch_path(self.out, self.scratch)
 
     @property
     def trainings(self) -> int:
@@ -536,6 +547,9 @@ def _transfer_task(job: _TransferJob) -> dict:
     init = None
     if job.scratch is not None:
         init = _scratch_model(job.scratch, job.caches, job.out, job.config, job.quiet)
+        if job.scratch_evals:  # once here, not once per run that starts from it
+            score_stage(Stage(name=f"scratch_{job.scratch}", model=init), job.scratch_evals,
+                        job.out / "models" / "scratch", job.config.channels, quiet=job.quiet)
     results = {}
     for key, what, kwargs in job.calls:
         kwargs = {**({"init": init} if init is not None else {}), **kwargs}
@@ -612,8 +626,24 @@ def _transfer_jobs(config: dict, caches: dict, evals: dict, out: Path, tconf: Tr
             single.append(_TransferJob([call], **common))
         else:
             starts.setdefault(path[0], []).append(call)
-    jobs = single + [_TransferJob(calls, scratch=domain, **common) for domain, calls in starts.items()]
-    return sorted(jobs, key=lambda j: -j.trainings)  # stable: equal lengths keep the config's order
+    # a domain's from-scratch model is one task; each run that starts from it another, waiting for it (so the
+    # runs from one scratch model spread over the workers instead of running one after another in one task)
+    scratch = [_TransferJob([], scratch=domain, **common,
+                            scratch_evals={d: t for _, _, kw in calls for d, t in kw["evals"].items()})
+               for domain, calls in starts.items()]
+    after_scratch = {**common, "known_evals": (*common["known_evals"], out / "models" / "scratch" / "evals")}
+    for domain, calls in starts.items():
+        for key, what, kwargs in calls:
+            single.append(_TransferJob([(key, what, {**kwargs, "init": _scratch_path(out, domain)})],
+                                       **after_scratch))
+    # the scratch models first (others wait for them), then the longest first; stable: equal lengths keep the
+    # config's order
+    return scratch + sorted(single, key=lambda j: -j.trainings)
+
+
+def _scratch_path(out: Path, domain: str) -> Path:
+    """Where :func:`_scratch_model` writes ``domain``'s from-scratch model."""
+    return out / "models" / "scratch" / f"{domain}_all"
 
 
 def _replay_folder(config: dict, target: str, method: str, rate: float, reverse: bool = False) -> str:
@@ -788,7 +818,7 @@ def _scratch_model(domain: str, caches: dict, out: Path, tconf: TrainConfig, qui
     """A model trained from scratch on all of ``domain``'s patches (``OUT/models/scratch/<domain>_all``)."""
     images, labels, provenance = load_patches(caches[domain])
     provenance.update(method="all", rate=1.0)
-    model = out / "models" / "scratch" / f"{domain}_all"
+    model = _scratch_path(out, domain)
     train_patches(list(images), list(labels), model, tconf, provenance=provenance, resume=True, quiet=quiet)
     return model
 

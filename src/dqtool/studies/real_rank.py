@@ -22,7 +22,9 @@ The config (``studies/real_rank.json``), paths relative to ``data_root``:
 - ``train``: the members' shared training settings (:class:`TrainConfig` fields but ``n_epochs``);
 - ``patch``: the patch caches' ``size`` and ``stride``; ``seed``; ``perturbations``; ``notes``;
 - ``diameter``: the cell diameter (px) every model assumes on the target (rank's ``--diameter``; null: each
-  model's training diameter, the target seen at its own scale).
+  model's training diameter, the target seen at its own scale);
+- ``variants``: the ranking again with other options, side by side (:mod:`dqtool.studies.rank_variants`:
+  ``[{"name", "dropout_site", "dropout_draw", "empty", "perturbations"}, ...]``, ``variants_correlations.*``).
 
 Nothing is copied: the target and each member's images are split files in ``OUT/splits/`` (:func:`write_split`),
 read in place by dqtool's readers; members with the same images share one patch cache in ``OUT/caches/``. A
@@ -53,7 +55,7 @@ __all__ = ["RealMember", "load_rank_config", "check_rank_config", "rank_study_co
 
 DEFAULTS = {"seed": 0, "patch": {"size": 224, "stride": 112}, "train": {}, "perturbations": ["dropout", "noise"],
             "diameter": None}
-_KEYS = {"notes", "data_root", "target", "bank", *DEFAULTS}
+_KEYS = {"notes", "data_root", "target", "bank", "variants", *DEFAULTS}
 _MEMBER_KEYS = {"name", "root", "steps", "train", "exclude", "rate", "format"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -94,6 +96,10 @@ def check_rank_config(config: dict, where: str = "config") -> dict:
     diameter = config["diameter"]
     if diameter is not None and not (isinstance(diameter, (int, float)) and diameter > 0):
         raise InputError(f"{where}: diameter {diameter!r}: expected a positive number of pixels, or null")
+    if "variants" in config:
+        from dqtool.studies.rank_variants import check_variants
+
+        config["variants"] = check_variants(config["variants"], config["perturbations"], where)
     members = config_members(config, where)
     names = [m.name for m in members]
     if len(set(names)) != len(names):
@@ -245,6 +251,17 @@ def rank_study_config(config: dict | str | os.PathLike, out: str | os.PathLike,
         kill_point("rank-study:bank")  # tests: the bank trained, nothing ranked yet
         split = out / "splits" / "target.json"
         diameter = {} if config["diameter"] is None else {"diameter": float(config["diameter"])}
-        return rank_target(out, split, split, config["target"]["name"], [m.name for m in config_members(config)],
-                           config["perturbations"], int(config["seed"]), quiet,
-                           {**rank_options(dropout_site, dropout_draw, empty), **diameter}, cluster)
+        options = {**rank_options(dropout_site, dropout_draw, empty), **diameter}
+        result = rank_target(out, split, split, config["target"]["name"], [m.name for m in config_members(config)],
+                             config["perturbations"], int(config["seed"]), quiet, options, cluster)
+        if config.get("variants"):
+            from dqtool.ranking.perturb import DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE
+            from dqtool.ranking.rank import DEFAULT_EMPTY
+            from dqtool.studies.rank_variants import run_variants
+
+            defaults = {"dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DEFAULT_DROPOUT_DRAW,
+                        "empty": DEFAULT_EMPTY}
+            ran_with = {k: options.get(k, v) for k, v in defaults.items()}
+            run_variants(config["variants"], out, split, split, int(config["seed"]), options,
+                         result.correlations, ran_with, quiet, cluster)
+        return result
