@@ -282,8 +282,8 @@ def run_experiment(config: dict | str | os.PathLike | None, out_dir: str | os.Pa
 
     ``cluster`` (``--workers``/``--scheduler``): every training is a Dask task, in one batch: each redundancy
     model (trained and scored; the zero-shot ones on every domain), and one task per finetuning, joint
-    model, replay and sequence (a non-source domain's from-scratch model and every run that starts from it
-    share one task). A task that starts from the all-patches source model waits for that task only (a Dask
+    model, replay and sequence, and one per non-source domain's from-scratch model (trained and scored once).
+    A task that starts from the all-patches source model or a scratch model waits for that task only (a Dask
     dependency) and reuses its evaluation records; each task asks for ``train_resources`` (e.g.
     ``"GPU=1"``); the models and tables are the serial run's with one torch thread
     (:mod:`dqtool.studies.trainings`)."""
