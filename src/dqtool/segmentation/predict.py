@@ -149,16 +149,20 @@ def _predict_ome_zarr_images(model, zarr_images, out_dir, options, quiet, level,
     else:
         _cached_net(model)  # the same check; the tiles then reuse the loaded network
     written = []
-    with connect(cluster, quiet) as bound:
-        for path in zarr_images:
-            def segment_tiles(boxes, channels, normalize, path=Path(path).absolute()):
-                task = functools.partial(predict_tile, image=str(path), level=level, model=model,
-                                         options=dataclasses.replace(options, channels=channels),
-                                         normalize=normalize)
-                return iter_tasks(task, boxes, bound, kind="predict-tile", desc="tiles", quiet=quiet, unit="tile")
+    try:
+        with connect(cluster, quiet) as bound:
+            for path in zarr_images:
+                def segment_tiles(boxes, channels, normalize, path=Path(path).absolute()):
+                    task = functools.partial(predict_tile, image=str(path), level=level, model=model,
+                                             options=dataclasses.replace(options, channels=channels),
+                                             normalize=normalize)
+                    return iter_tasks(task, boxes, bound, kind="predict-tile", desc="tiles", quiet=quiet,
+                                      unit="tile")
 
-            written.append(predict_ome_zarr(segment_tiles, path, out_dir, options.channels, level=level, tile=tile,
-                                            overlap=overlap))
+                written.append(predict_ome_zarr(segment_tiles, path, out_dir, options.channels, level=level,
+                                                tile=tile, overlap=overlap))
+    finally:
+        _WORKER_NET.clear()  # the serial run's network is not kept in the caller's process afterwards
     return written
 
 
