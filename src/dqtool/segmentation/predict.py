@@ -147,7 +147,7 @@ def _predict_ome_zarr_images(model, zarr_images, out_dir, options, quiet, level,
 
         load_state_dict(model)  # a bad model file is one error here, not one per task
     else:
-        _cached_net(model)  # the same check; the tiles then reuse the loaded network
+        worker_net(model)  # the same check; the tiles then reuse the loaded network
     written = []
     try:
         with connect(cluster, quiet) as bound:
@@ -162,27 +162,38 @@ def _predict_ome_zarr_images(model, zarr_images, out_dir, options, quiet, level,
                 written.append(predict_ome_zarr(segment_tiles, path, out_dir, options.channels, level=level,
                                                 tile=tile, overlap=overlap))
     finally:
-        _WORKER_NET.clear()  # the serial run's network is not kept in the caller's process afterwards
+        release_worker_net()  # the serial run's network is not kept in the caller's process afterwards
     return written
 
 
-_WORKER_NET: dict = {}  # in a Dask worker (or this process): the last model loaded, by (path, size, mtime)
+_WORKER_NET: dict = {}  # in a Dask worker (or this process): the last model loaded, by path and content
 
 
-def _cached_net(model: str):
-    stat = os.stat(model)
-    key = (str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns)
+def worker_net(model: str | os.PathLike, identity=None):
+    """The network of the model file ``model``, loaded once per process (a Dask worker, or this one) and kept
+    until another model is asked for. ``identity`` names the file's content (its sha256, say); by default its
+    (size, mtime), so a file replaced in place is loaded again."""
+    path = Path(model).resolve()
+    if identity is None:
+        stat = path.stat()
+        identity = (stat.st_size, stat.st_mtime_ns)
+    key = (str(path), identity)
     net = _WORKER_NET.get(key)
     if net is None:
         _WORKER_NET.clear()
-        net = _WORKER_NET[key] = load_model(model)
+        net = _WORKER_NET[key] = load_model(str(model))
     return net
+
+
+def release_worker_net() -> None:
+    """Forget the network :func:`worker_net` keeps (this process no longer holds it)."""
+    _WORKER_NET.clear()
 
 
 def predict_file(path: str | os.PathLike, model: str, options: PredictOptions = PredictOptions()) -> np.ndarray:
     """Masks of the image file ``path`` (a Dask task of ``predict --workers``; the worker reads the image and
     loads the model once, the client writes the masks): what the serial loop computes for it."""
-    return segment(_cached_net(model), read_image(path), options)
+    return segment(worker_net(model), read_image(path), options)
 
 
 def predict_tile(box: tuple[int, int, int, int], image: str, level: int, model: str, options: PredictOptions,
@@ -192,4 +203,4 @@ def predict_tile(box: tuple[int, int, int, int], image: str, level: int, model: 
     serial loop's step; the image is opened read-only, the client stitches and writes)."""
     from dqtool.data.ome_zarr import open_ome_zarr
 
-    return segment(_cached_net(model), open_ome_zarr(image, level).read(*box), options, normalize=normalize)
+    return segment(worker_net(model), open_ome_zarr(image, level).read(*box), options, normalize=normalize)

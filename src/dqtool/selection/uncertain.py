@@ -220,26 +220,19 @@ def _chunk_arrays(net, images, idx: np.ndarray, strengths: dict) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=2)
-def _worker_net(model_path: str, sha256: str):
-    """The network of ``model_path`` (``sha256``: its content, so a replaced file is loaded again), once per worker."""
-    from dqtool.segmentation.predict import load_model
-
-    return load_model(model_path)
-
-
 def score_range(bounds: tuple[int, int], cache: str, cache_hash: str, model_path: str, model_sha256: str,
                 strengths: dict, threads: int = 1) -> dict:
     """Task: the arrays of patches ``range(*bounds)`` of ``cache`` (read only) under ``model_path``, with
     ``threads`` torch threads. Refuses a cache whose content changed since the run began."""
     from dqtool.features.embed import torch_threads
+    from dqtool.segmentation.predict import worker_net
 
     with PatchCache(cache) as opened:
         if opened.content_hash != cache_hash:
             raise InputError(f"{cache}: the cache changed during the run; run the selection again")
         images = opened.images(np.arange(*bounds))
     with torch_threads(threads):
-        return _chunk_arrays(_worker_net(model_path, model_sha256), images, np.arange(*bounds), strengths)
+        return _chunk_arrays(worker_net(model_path, model_sha256), images, np.arange(*bounds), strengths)
 
 
 def partial_path(cache: PatchCache, name: str) -> Path:
