@@ -222,7 +222,7 @@ def test_a_wrong_variant_is_refused(tmp_path, variants, message):
                            "variants": variants})
 
 
-def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_default(tmp_path):
+def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_default(tmp_path, monkeypatch):
     """Each variant's ranking is the one ``rank_bank`` gives with its options alone, without a cache (the shared
     unperturbed predictions change nothing), and the table holds the default's rows and each variant's."""
     from dqtool.ranking.rank import rank_bank
@@ -237,7 +237,15 @@ def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_def
               "variants": [{"name": "bottleneck", "dropout_site": "bottleneck", "perturbations": ["dropout"]},
                            {"name": "skip", "empty": "skip"}]}
     out = tmp_path / "out"
+    import dqtool.ranking.rank as R
+
+    calls = []
+    real_rank_bank = R.rank_bank
+    monkeypatch.setattr(R, "rank_bank", lambda *a, **kw: calls.append(kw.get("out")) or real_rank_bank(*a, **kw))
     rank_study_config(config, out, quiet=True)
+    monkeypatch.undo()
+    # of the variants, only 'bottleneck' runs passes; 'skip' changes the empty rule alone: summarised again
+    assert [Path(p).relative_to(out).as_posix() for p in calls] == ["variants/bottleneck"]
     rows = json.loads((out / "variants_correlations.json").read_text())
     seen = {(r["variant"], r["perturbation"], r["dropout_site"], r["empty"]) for r in rows}
     assert seen == {("default", "dropout", "decoder", "worst"), ("default", "noise", "decoder", "worst"),
@@ -254,8 +262,26 @@ def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_def
         recorded = json.loads((out / "variants" / name / kind / "rank.json").read_text())
         assert alone.results[kind].options == {k: recorded[k] for k in ("dropout_site", "dropout_draw", "empty")}
         assert {k: recorded[k] for k in options} == options
-        assert (tmp_path / f"alone_{name}" / kind / "ranking.csv").read_bytes() == \
-            (out / "variants" / name / kind / "ranking.csv").read_bytes()
+        for table in ("ranking.csv", "per_image.csv", "validation.csv", "ranking.md"):
+            assert (tmp_path / f"alone_{name}" / kind / table).read_bytes() == \
+                (out / "variants" / name / kind / table).read_bytes(), (name, table)
+        alone_json = json.loads((tmp_path / f"alone_{name}" / kind / "rank.json").read_text())
+
+        def untimed(record):  # wall-clock seconds differ run to run; everything else is the same
+            return {**{k: v for k, v in record.items() if k != "timing"},
+                    "ranking": [{k: v for k, v in m.items() if k != "seconds"} for m in record["ranking"]]}
+
+        assert untimed(recorded) == untimed(alone_json)
+    # a finished ranking read back from its folder is summarised again to the same files (the study resumes
+    # a variant from it; the rule it ran with gives its own tables back, the other rule the variant's)
+    names = [f.name for f in R.target_files(out / "splits" / "target.json")]
+    back = R.read_ranking(out / "rank" / "noise")
+    for rule, where in (("worst", out / "rank" / "noise"), ("skip", out / "variants" / "skip" / "noise")):
+        R.write_outputs(R.rescore_empty(back, rule), tmp_path / f"again_{rule}", names)
+        for table in ("ranking.csv", "per_image.csv", "validation.csv"):
+            assert (tmp_path / f"again_{rule}" / table).read_bytes() == (where / table).read_bytes(), (rule, table)
+    with pytest.raises(InputError, match="not a finished ranking"):
+        R.read_ranking(tmp_path / "alone_bottleneck")
     assert not (out / "variants" / "bottleneck" / "cache").exists()  # the study's cache, not one of its own
     # 2 models x 1 image content (a and d hold the same pixels), stored once by the study and only read after
     assert len(list((out / "rank" / "cache").glob("*.npz"))) == 2

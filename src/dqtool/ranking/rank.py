@@ -20,12 +20,13 @@ values, Spearman and Kendall on ranks, each with a permutation-test p-value.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -48,7 +49,7 @@ from dqtool.segmentation.model_files import builtin_models, discover_models
 
 __all__ = ["rank_models", "rank_bank", "BankRanking", "parse_perturbations", "RankResult", "ModelScore", "discover_models", "SCORES", "correlations",
            "target_files",
-           "EMPTY_RULES", "DEFAULT_EMPTY", "apply_empty_rule"]
+           "EMPTY_RULES", "DEFAULT_EMPTY", "apply_empty_rule", "rescore_empty", "read_ranking"]
 
 SCORES = ("adapted_rand", "nhd", "effective_invariance")
 FEATURE_PERTURBATIONS = ("dropout",)  # act inside the network: they reuse the unperturbed encoder pass
@@ -510,6 +511,54 @@ def apply_empty_rule(models: Sequence[ModelScore], score: str, empty: str = DEFA
         new.seconds, new.rank = m.seconds, m.rank
         out.append(new)
     return out
+
+
+def rescore_empty(result: RankResult, empty: str) -> RankResult:
+    """The ranking ``result`` under the ``empty`` rule ``empty``, from its models' per-image records alone: no
+    network pass (the rule only decides which per-image values enter each median, :func:`apply_empty_rule`),
+    the same models, ranks, tables and correlations a :func:`rank_bank` run with ``empty`` gives."""
+    if empty not in EMPTY_RULES:
+        raise InputError(f"empty {empty!r}: expected one of {', '.join(EMPTY_RULES)}")
+    models = apply_empty_rule(result.models, result.score, empty)
+    labelled = any(m.n_labelled for m in models)
+    out = _result(models, result.score, result.perturbation, result.strength, result.seed, result.skipped,
+                  result.notes, True if labelled else None, result.timing)
+    out.options = {**result.options, "empty": empty}
+    return out
+
+
+def _nan(value):
+    return math.nan if value is None else value  # write_json writes NaN as null
+
+
+def read_ranking(folder: str | os.PathLike) -> RankResult:
+    """A ranking :func:`rank_bank` wrote into ``folder`` (``rank.json``, ``per_image.json``) read back, with each
+    model's per-image records (``image``: its index in the order the images were ranked), so that
+    :func:`rescore_empty` can summarise it again. A folder without them is one clear error."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "rank.json").read_text())
+        rows = json.loads((folder / "per_image.json").read_text()) if (folder / "per_image.json").exists() else []
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}: not a finished ranking (rank.json, per_image.json: {exc})") from None
+    images: dict[str, int] = {}
+    per_model: dict[str, list] = {}
+    for row in rows:
+        index = images.setdefault(row["image"], len(images))
+        per_model.setdefault(row["model"], []).append(
+            {"image": index, **{k: _nan(v) for k, v in row.items() if k not in ("model", "image")}})
+    names = {f.name for f in fields(ModelScore)}
+    models = []
+    for entry in record["ranking"]:
+        values = {k: _nan(v) if k not in ("rank", "error", "status", "model") else v
+                  for k, v in entry.items() if k in names}
+        models.append(ModelScore(**values, per_image=per_model.get(Path(entry["model"]).name, [])))
+    options = {k: record[k] for k in ("dropout_site", "dropout_draw", "empty") if k in record}
+    return RankResult(models=models, score=record["score"], perturbation=record["perturbation"],
+                      strength=record["strength"], seed=record["seed"],
+                      skipped=[(s["file"], s["reason"]) for s in record["skipped"]], notes=list(record["notes"]),
+                      correlations=record.get("correlations", []), timing=record.get("timing", {}),
+                      options=options)
 
 
 # --------------------------------------------------------------------------------------------------

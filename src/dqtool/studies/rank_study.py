@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -107,6 +107,7 @@ class RankStudyResult:
     rows: list[dict]  # one per model, best F1 first: F1, accuracy, and per perturbation rank and scores
     correlations: list[dict]  # per perturbation and consistency score, against F1 and accuracy
     timing: dict  # perturbation -> the ranking's timing
+    rankings: dict = field(default_factory=dict, repr=False)  # perturbation -> RankResult (not in to_dict)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "members": self.members, "rows": self.rows,
@@ -338,7 +339,7 @@ def rank_target(out: Path, images: Path, labels: Path, target: str, members: lis
     kill_point("rank-study:tables")  # tests: one study table written, the others not yet
     write_table(correlations, out / "study_correlations")
     summary = RankStudyResult(target=target, members=list(members), rows=rows, correlations=correlations,
-                              timing={p: r.timing for p, r in results.items()})
+                              timing={p: r.timing for p, r in results.items()}, rankings=dict(results))
     write_json(out / "study_summary.json", summary.to_dict())
     plot_study(rows, list(perturbations), out / "study.png")
     return summary

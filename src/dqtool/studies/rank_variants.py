@@ -57,23 +57,51 @@ def check_variants(variants, perturbations: list[str], where: str = "config") ->
     return out
 
 
+def _pass_key(options: dict) -> tuple:
+    """What a ranking's network passes depend on among its options: all but the ``empty`` rule."""
+    from dqtool.ranking.perturb import DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE
+
+    full = {"dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DEFAULT_DROPOUT_DRAW, **options}
+    return tuple(sorted((k, repr(v)) for k, v in full.items() if k != "empty"))
+
+
 def run_variants(variants: list[dict], out: Path, images, labels, seed: int, base_options: dict,
                  default_correlations: list[dict], default_options: dict, quiet: bool = True,
-                 cluster=None) -> list[dict]:
+                 cluster=None, default_results: dict | None = None) -> list[dict]:
     """Rank the bank ``out/bank`` once per variant (``base_options`` under the variant's own) with the study's
     unperturbed cache, and write ``out/variants_correlations``: the default ranking's rows, then each
-    variant's, each row the options it ran with and one correlation record (per perturbation and score)."""
+    variant's, each row the options it ran with and one correlation record (per perturbation and score).
+
+    A variant whose passes were already computed (the study's own ranking, ``default_results``: perturbation
+    -> :class:`dqtool.ranking.rank.RankResult`, or an earlier variant's) and that changes only the ``empty``
+    rule is summarised again from their per-image records (:func:`dqtool.ranking.rank.rescore_empty`): no
+    network pass, the files a ranking with its options writes."""
+    from dqtool.common.outputs import writing_folder
     from dqtool.common.tables import write_table
-    from dqtool.ranking.rank import rank_bank
+    from dqtool.ranking.rank import DEFAULT_EMPTY, rank_bank, rescore_empty, target_files, write_outputs
 
     rows = [{"variant": "default", **default_options, **c} for c in default_correlations]
+    computed: dict[tuple, dict] = {}  # pass key -> perturbation -> RankResult whose passes ran
+    if default_results:
+        computed[_pass_key(base_options)] = dict(default_results)
+    names = None
     for v in variants:
         options = {**base_options, **{k: v[k] for k in OPTIONS if k in v}}
-        bank = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"],
-                         out=out / "variants" / v["name"], seed=seed, quiet=quiet, subfolders=True,
-                         cache_dir=out / "rank" / "cache", **options,
-                         **({"cluster": cluster} if cluster is not None and cluster.active else {}))
-        for kind, result in bank.results.items():
+        have = computed.get(_pass_key(options), {})
+        folder = out / "variants" / v["name"]
+        if all(k in have for k in v["perturbations"]):
+            names = names or [f.name for f in target_files(images)]
+            results = {k: rescore_empty(have[k], options.get("empty", DEFAULT_EMPTY)) for k in v["perturbations"]}
+            with writing_folder(folder, "rank", [out / "bank", images, labels]):  # as rank_bank's folder
+                for k, result in results.items():
+                    result.paths = write_outputs(result, folder / k, names)
+        else:
+            results = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"], out=folder,
+                                seed=seed, quiet=quiet, subfolders=True, cache_dir=out / "rank" / "cache",
+                                **options, **({"cluster": cluster} if cluster is not None and cluster.active else {})
+                                ).results
+            computed.setdefault(_pass_key(options), {}).update(results)
+        for kind, result in results.items():
             recorded = {k: result.options[k] for k in OPTIONS}
             rows += [{"variant": v["name"], **recorded, "perturbation": kind, **c} for c in result.correlations]
     write_table(rows, out / "variants_correlations")

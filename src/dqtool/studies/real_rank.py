@@ -263,5 +263,5 @@ def rank_study_config(config: dict | str | os.PathLike, out: str | os.PathLike,
                         "empty": DEFAULT_EMPTY}
             ran_with = {k: options.get(k, v) for k, v in defaults.items()}
             run_variants(config["variants"], out, split, split, int(config["seed"]), options,
-                         result.correlations, ran_with, quiet, cluster)
+                         result.correlations, ran_with, quiet, cluster, default_results=result.rankings)
         return result
