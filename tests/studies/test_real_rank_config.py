@@ -282,6 +282,14 @@ def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_def
             assert (tmp_path / f"again_{rule}" / table).read_bytes() == (where / table).read_bytes(), (rule, table)
     with pytest.raises(InputError, match="not a finished ranking"):
         R.read_ranking(tmp_path / "alone_bottleneck")
+    # the table written again from the files alone (a study whose variants were finished after a kill)
+    from dqtool.studies.rank_variants import check_variants, tabulate_variants
+
+    table = (out / "variants_correlations.json").read_bytes()
+    (out / "variants_correlations.json").unlink()
+    tabulate_variants(out, check_variants(config["variants"], config["perturbations"]),
+                      {"dropout_site": "decoder", "dropout_draw": "run", "empty": "worst"})
+    assert (out / "variants_correlations.json").read_bytes() == table
     assert not (out / "variants" / "bottleneck" / "cache").exists()  # the study's cache, not one of its own
     # 2 models x 1 image content (a and d hold the same pixels), stored once by the study and only read after
     assert len(list((out / "rank" / "cache").glob("*.npz"))) == 2

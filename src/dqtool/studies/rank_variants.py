@@ -76,32 +76,64 @@ def run_variants(variants: list[dict], out: Path, images, labels, seed: int, bas
     -> :class:`dqtool.ranking.rank.RankResult`, or an earlier variant's) and that changes only the ``empty``
     rule is summarised again from their per-image records (:func:`dqtool.ranking.rank.rescore_empty`): no
     network pass, the files a ranking with its options writes."""
-    from dqtool.common.outputs import writing_folder
     from dqtool.common.tables import write_table
-    from dqtool.ranking.rank import DEFAULT_EMPTY, rank_bank, rescore_empty, target_files, write_outputs
+    from dqtool.ranking.rank import DEFAULT_EMPTY, rank_bank
 
     rows = [{"variant": "default", **default_options, **c} for c in default_correlations]
     computed: dict[tuple, dict] = {}  # pass key -> perturbation -> RankResult whose passes ran
     if default_results:
         computed[_pass_key(base_options)] = dict(default_results)
-    names = None
     for v in variants:
         options = {**base_options, **{k: v[k] for k in OPTIONS if k in v}}
         have = computed.get(_pass_key(options), {})
-        folder = out / "variants" / v["name"]
         if all(k in have for k in v["perturbations"]):
-            names = names or [f.name for f in target_files(images)]
-            results = {k: rescore_empty(have[k], options.get("empty", DEFAULT_EMPTY)) for k in v["perturbations"]}
-            with writing_folder(folder, "rank", [out / "bank", images, labels]):  # as rank_bank's folder
-                for k, result in results.items():
-                    result.paths = write_outputs(result, folder / k, names)
+            results = rescore_variant(out, v["name"], {k: have[k] for k in v["perturbations"]},
+                                      options.get("empty", DEFAULT_EMPTY), images, labels)
         else:
-            results = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"], out=folder,
+            results = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"],
+                                out=out / "variants" / v["name"],
                                 seed=seed, quiet=quiet, subfolders=True, cache_dir=out / "rank" / "cache",
                                 **options, **({"cluster": cluster} if cluster is not None and cluster.active else {})
                                 ).results
             computed.setdefault(_pass_key(options), {}).update(results)
         for kind, result in results.items():
+            recorded = {k: result.options[k] for k in OPTIONS}
+            rows += [{"variant": v["name"], **recorded, "perturbation": kind, **c} for c in result.correlations]
+    write_table(rows, out / "variants_correlations")
+    return rows
+
+
+def rescore_variant(out: Path, name: str, results: dict, empty: str, images, labels) -> dict:
+    """Variant ``name`` of the study in ``out`` from rankings whose network passes already ran (``results``:
+    perturbation -> :class:`dqtool.ranking.rank.RankResult`, in memory or read back from their folders with
+    :func:`dqtool.ranking.rank.read_ranking`) under the ``empty`` rule: written into
+    ``out/variants/<name>/<perturbation>/``, the files a ranking with those options writes."""
+    from dqtool.common.outputs import writing_folder
+    from dqtool.ranking.rank import rescore_empty, target_files, write_outputs
+
+    names = [f.name for f in target_files(images)]
+    folder = out / "variants" / name
+    rescored = {k: rescore_empty(r, empty) for k, r in results.items()}
+    with writing_folder(folder, "rank", [out / "bank", images, labels]):  # as rank_bank's folder
+        for k, result in rescored.items():
+            result.paths = write_outputs(result, folder / k, names)
+    return rescored
+
+
+def tabulate_variants(out: Path, variants: list[dict], default_options: dict) -> list[dict]:
+    """``out/variants_correlations`` written again from the files: the study's ``study_correlations.json`` and
+    each variant's ``rank.json`` (the table :func:`run_variants` writes)."""
+    import json
+
+    from dqtool.common.tables import write_table
+    from dqtool.ranking.rank import read_ranking
+
+    out = Path(out)
+    rows = [{"variant": "default", **default_options, **c}
+            for c in json.loads((out / "study_correlations.json").read_text())]
+    for v in variants:
+        for kind in v["perturbations"]:
+            result = read_ranking(out / "variants" / v["name"] / kind)
             recorded = {k: result.options[k] for k in OPTIONS}
             rows += [{"variant": v["name"], **recorded, "perturbation": kind, **c} for c in result.correlations]
     write_table(rows, out / "variants_correlations")
