@@ -66,20 +66,19 @@ def _pass_key(options: dict) -> tuple:
 
 
 def run_variants(variants: list[dict], out: Path, images, labels, seed: int, base_options: dict,
-                 default_correlations: list[dict], default_options: dict, quiet: bool = True,
-                 cluster=None, default_results: dict | None = None) -> list[dict]:
+                 default_options: dict, quiet: bool = True, cluster=None,
+                 default_results: dict | None = None) -> list[dict]:
     """Rank the bank ``out/bank`` once per variant (``base_options`` under the variant's own) with the study's
     unperturbed cache, and write ``out/variants_correlations``: the default ranking's rows, then each
-    variant's, each row the options it ran with and one correlation record (per perturbation and score).
+    variant's, each row the options it ran with and one correlation record (per perturbation and score),
+    from the files (:func:`tabulate_variants`).
 
     A variant whose passes were already computed (the study's own ranking, ``default_results``: perturbation
     -> :class:`dqtool.ranking.rank.RankResult`, or an earlier variant's) and that changes only the ``empty``
     rule is summarised again from their per-image records (:func:`dqtool.ranking.rank.rescore_empty`): no
     network pass, the files a ranking with its options writes."""
-    from dqtool.common.tables import write_table
     from dqtool.ranking.rank import DEFAULT_EMPTY, rank_bank
 
-    rows = [{"variant": "default", **default_options, **c} for c in default_correlations]
     computed: dict[tuple, dict] = {}  # pass key -> perturbation -> RankResult whose passes ran
     if default_results:
         computed[_pass_key(base_options)] = dict(default_results)
@@ -87,8 +86,8 @@ def run_variants(variants: list[dict], out: Path, images, labels, seed: int, bas
         options = {**base_options, **{k: v[k] for k in OPTIONS if k in v}}
         have = computed.get(_pass_key(options), {})
         if all(k in have for k in v["perturbations"]):
-            results = rescore_variant(out, v["name"], {k: have[k] for k in v["perturbations"]},
-                                      options.get("empty", DEFAULT_EMPTY), images, labels)
+            rescore_variant(out, v["name"], {k: have[k] for k in v["perturbations"]},
+                            options.get("empty", DEFAULT_EMPTY), images, labels)
         else:
             results = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"],
                                 out=out / "variants" / v["name"],
@@ -96,11 +95,7 @@ def run_variants(variants: list[dict], out: Path, images, labels, seed: int, bas
                                 **options, **({"cluster": cluster} if cluster is not None and cluster.active else {})
                                 ).results
             computed.setdefault(_pass_key(options), {}).update(results)
-        for kind, result in results.items():
-            recorded = {k: result.options[k] for k in OPTIONS}
-            rows += [{"variant": v["name"], **recorded, "perturbation": kind, **c} for c in result.correlations]
-    write_table(rows, out / "variants_correlations")
-    return rows
+    return tabulate_variants(out, variants, default_options)
 
 
 def rescore_variant(out: Path, name: str, results: dict, empty: str, images, labels) -> dict:

@@ -262,6 +262,6 @@ def rank_study_config(config: dict | str | os.PathLike, out: str | os.PathLike,
             defaults = {"dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DEFAULT_DROPOUT_DRAW,
                         "empty": DEFAULT_EMPTY}
             ran_with = {k: options.get(k, v) for k, v in defaults.items()}
-            run_variants(config["variants"], out, split, split, int(config["seed"]), options,
-                         result.correlations, ran_with, quiet, cluster, default_results=result.rankings)
+            run_variants(config["variants"], out, split, split, int(config["seed"]), options, ran_with, quiet,
+                         cluster, default_results=result.rankings)
         return result
