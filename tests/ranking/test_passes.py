@@ -98,13 +98,14 @@ def test_bottleneck_site_keeps_the_shared_encoder_pass_and_equals_eval(model_fil
     network batch (here one per image: two tile sizes) gets the next channels of the run's stream."""
     model = load_model(model_file)
     inputs = [blob_image(s, 64 + 16 * s) for s in range(2)]  # two sizes: one batch each
-    separate, _ = R.score_model(model, inputs, "dropout", 0.3, seed=5, dropout_site="bottleneck")
+    separate, _ = R.score_model(model, inputs, "dropout", 0.3, seed=5, dropout_site="bottleneck", dropout_draw="run")
     with count_network_passes() as count:
-        shared, _ = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_site="bottleneck")
+        shared, _ = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_site="bottleneck",
+                                         dropout_draw="run")
     assert _dump(shared["dropout"]) == _dump(separate)
     assert count.encoder_tiles == 2 and count.decoder_tiles == 4  # one encoder pass, two decodes
     runs = {"bottleneck": shared["dropout"]}
-    runs["decoder"] = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5)[0]["dropout"]  # the default
+    runs["decoder"] = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_draw="run")[0]["dropout"]
     assert _dump(runs["decoder"]) != _dump(runs["bottleneck"])
     batch, _ = R.score_model_passes(model, inputs, {"dropout": 0.3}, seed=5, dropout_site="bottleneck",
                                     dropout_draw="batch")

@@ -69,12 +69,13 @@ def test_score_model_matches_direct_computation(perturbation, strength):
     model = TinyCellpose(seed=1)
     inputs = [blob_image(s) for s in range(3)]
     labels = [connected_components(x > 0.5) for x in inputs]
-    records, inference_time = R.score_model(model, inputs, perturbation, strength, seed=4, labels=labels)
+    records, inference_time = R.score_model(model, inputs, perturbation, strength, seed=4, labels=labels,
+                                            dropout_draw="run")  # one draw for every image: the direct one below
     assert len(records) == 3 and inference_time >= 0.0  # reported, never compared with a budget
     for i, x in enumerate(inputs):
         m0, (_, _, c0), _ = model.eval(x, [0, 0], {"normalize": False}, None, 8)
         if perturbation == "dropout":
-            with bottleneck_dropout(model.net, p=strength, seed=4):
+            with bottleneck_dropout(model.net, p=strength, seed=4, draw="run"):
                 m1, (_, _, c1), _ = model.eval(x, [0, 0], {"normalize": False}, None, 8)
         else:
             noise_seed = int(np.random.SeedSequence([4, i]).generate_state(1)[0])
@@ -178,7 +179,7 @@ def test_rank_bank_threads_dropout_and_empty_options(tmp_path, bank, monkeypatch
     res = CliRunner().invoke(cli, ["rank", str(bank / "models"), "--images", str(bank / "images"), "--out",
                                    str(tmp_path / "b"), "--no-cache", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert {(kw["dropout_site"], kw["dropout_draw"]) for kw in seen} == {("decoder", "run")}  # the defaults
+    assert {(kw["dropout_site"], kw["dropout_draw"]) for kw in seen} == {("decoder", "batch")}  # the defaults
     doc = json.loads((tmp_path / "b" / "rank.json").read_text())
     assert doc["empty"] == "worst" and doc["ranking"][0]["model"].endswith("cellpose_beta")  # worst: alpha 0 on img1
     for bad in (["--empty", "zero"], ["--dropout-site", "encoder"], ["--dropout-draw", "image"]):

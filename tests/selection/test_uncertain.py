@@ -117,7 +117,7 @@ def test_patch_scores_equal_the_rankings_scores_of_the_patch_saved_as_an_image(b
         tifffile.imwrite(image, patches[k][..., 0])
         pair = R.RankPair(model=str(bank["model"]), image=str(image), index=k,
                           perturbations=(("dropout", DEFAULT_STRENGTH["dropout"]), ("noise", DEFAULT_STRENGTH["noise"])),
-                          seed=0, settings=EvalSettings())
+                          seed=0, settings=EvalSettings(), dropout_draw="run")  # the selection's draw
         result = R.score_pair(pair)
         assert not result.error, result.error
         for kind, record in result.records.items():

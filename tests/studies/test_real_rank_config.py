@@ -288,7 +288,7 @@ def test_variants_rank_again_with_the_shared_cache_and_are_tabled_beside_the_def
     table = (out / "variants_correlations.json").read_bytes()
     (out / "variants_correlations.json").unlink()
     tabulate_variants(out, check_variants(config["variants"], config["perturbations"]),
-                      {"dropout_site": "decoder", "dropout_draw": "run", "empty": "worst"})
+                      {"dropout_site": "decoder", "dropout_draw": "batch", "empty": "worst"})
     assert (out / "variants_correlations.json").read_bytes() == table
     assert not (out / "variants" / "bottleneck" / "cache").exists()  # the study's cache, not one of its own
     # 2 models x 1 image content (a and d hold the same pixels), stored once by the study and only read after

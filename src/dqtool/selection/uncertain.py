@@ -5,8 +5,9 @@ without labels (CTE, paper 004, section 2.3): M runs on the patch as it is and p
 predictions are compared. Here the ranking's own code scores every patch of the cache, as if the patch
 were a target image of ``dqtool rank`` (:func:`dqtool.ranking.rank.score_model_passes`: the grayscale
 patch normalised by Cellpose's ``normalize_img``, one shared unperturbed pass, the ranking's default
-perturbations and strengths :data:`PERTURBATIONS`, dropout at the ranking's default site and draw,
-noise seeded per patch by :func:`dqtool.ranking.rank.noise_seed` of :data:`PERTURBATION_SEED` and the
+perturbations and strengths :data:`PERTURBATIONS`, dropout at the ranking's default site with its
+channels drawn once for all patches (:data:`DROPOUT_DRAW`, 'run': every patch is judged under the same
+perturbation, and a patch's channels do not depend on the batch its tile shares with other patches), noise seeded per patch by :func:`dqtool.ranking.rank.noise_seed` of :data:`PERTURBATION_SEED` and the
 patch index). Per patch i and perturbation k it keeps the three consistencies of the ranking's per-image
 record, s_k(i) in {adapted Rand F (eq. 6), NHD (eq. 5), effective invariance (eq. 4)}, and the cell
 counts n(i) (unperturbed) and n_k(i) (perturbed).
@@ -59,6 +60,10 @@ PERTURBATIONS = ("dropout", "noise")
 #: The seed of the perturbations (dropout channels; noise per patch with ``noise_seed``): fixed, so the stored
 #: scores do not depend on the selection's ``--seed``, which only breaks ties.
 PERTURBATION_SEED = 0
+#: When the dropout channels are drawn: once for all patches ('run'), not the ranking's default ('batch'). Patches
+#: of one model are compared with each other, so each is judged under the same channels; under 'batch' a patch's
+#: channels would depend on the patches its tile is batched with, so on :data:`CHUNK` and the workers.
+DROPOUT_DRAW = "run"
 #: The ranking's scores (``dqtool.ranking.rank.SCORES``), repeated so that turning stored scores into
 #: uncertainties (:func:`patch_uncertainty`) needs no torch (finding and checking them does: the model's digest
 #: and the eval settings' versions).
@@ -157,10 +162,10 @@ def _settings():
 def scoring_key() -> dict:
     """What decides the stored scores besides the cache and the model file: eval settings and versions
     (:meth:`~dqtool.ranking.passes.EvalSettings.key`), perturbations, strengths, sites, seed."""
-    from dqtool.ranking.perturb import DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE, default_strength
+    from dqtool.ranking.perturb import DEFAULT_DROPOUT_SITE, default_strength
 
     return {"eval": _settings().key(), "perturbations": {k: default_strength(k) for k in PERTURBATIONS},
-            "dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DEFAULT_DROPOUT_DRAW, "seed": PERTURBATION_SEED,
+            "dropout_site": DEFAULT_DROPOUT_SITE, "dropout_draw": DROPOUT_DRAW, "seed": PERTURBATION_SEED,
             "input": "patch to gray, Cellpose normalize_img (ranking.rank.normalise_for_model)",
             "noise_seed": "noise_seed(seed, patch index)", "scoring_version": SCORING_VERSION, "chunk": CHUNK}
 
@@ -197,7 +202,7 @@ def _stored(cache: PatchCache, name: str, model_sha: str, key: dict) -> PatchCon
 def _chunk_arrays(net, images, idx: np.ndarray, strengths: dict) -> dict:
     """The derived group's arrays (:meth:`PatchConsistency.arrays` names) for the patches ``idx``, from the ranking's
     shared passes (:func:`dqtool.ranking.rank.score_model_passes`) on their ``images``."""
-    from dqtool.ranking.perturb import DEFAULT_DROPOUT_DRAW, DEFAULT_DROPOUT_SITE
+    from dqtool.ranking.perturb import DEFAULT_DROPOUT_SITE
     from dqtool.ranking.rank import normalise_for_model, score_model_passes
 
     m = len(idx)
@@ -207,7 +212,7 @@ def _chunk_arrays(net, images, idx: np.ndarray, strengths: dict) -> dict:
         out[f"{k}_n_cells_perturbed"] = np.empty(m, np.int64)
     inputs = [normalise_for_model(img) for img in images]
     records, _ = score_model_passes(net, inputs, strengths, seed=PERTURBATION_SEED, settings=_settings(),
-                                    dropout_site=DEFAULT_DROPOUT_SITE, dropout_draw=DEFAULT_DROPOUT_DRAW,
+                                    dropout_site=DEFAULT_DROPOUT_SITE, dropout_draw=DROPOUT_DRAW,
                                     image_indices=idx.tolist())
     where = {int(i): j for j, i in enumerate(idx)}
     for k in PERTURBATIONS:
