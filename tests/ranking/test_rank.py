@@ -500,3 +500,58 @@ def test_a_split_file_names_the_target_images_and_their_labels(tmp_path):
     assert [p.name for p in R._label_files(split, files)] == ["c.png", "a.png"]
     with pytest.raises(InputError, match="a labels folder or a split file"):
         R._read_truth(root / "images" / "a.tif", files, [np.zeros((16, 16))] * 2)
+
+
+def test_a_finished_ranking_with_the_same_inputs_is_reused_and_any_change_ranks_again(tmp_path, bank, monkeypatch):
+    """rank_bank(reuse=True), what a study's rerun does: the same models, images, labels, settings and options
+    read the finished rankings back without a network pass (the same results and files); another seed, option,
+    image or model file ranks again."""
+    import shutil
+
+    real = R.score_pair
+    calls = []
+    monkeypatch.setattr(R, "score_pair", lambda pair: calls.append(pair.model) or real(pair))
+    models, images = tmp_path / "models", tmp_path / "images"
+    shutil.copytree(bank / "models", models)
+    shutil.copytree(bank / "images", images)
+    out = tmp_path / "rank"
+    args = dict(labels=bank / "labels", perturbations="dropout,noise", out=out, subfolders=True, reuse=True)
+    first = R.rank_bank(models, images, **args)
+    n_pairs = len(calls)
+    assert n_pairs == 3 * 2  # 3 model files x 2 images (rgb3 fails in its own task)
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+             and "cache" not in p.parts}
+    inputs = {k: json.loads((out / k / "rank.json").read_text())["inputs"] for k in ("dropout", "noise")}
+    assert len(set(inputs.values())) == 2 and all(len(v) == 64 for v in inputs.values())
+
+    again = R.rank_bank(models, images, **args)
+    assert len(calls) == n_pairs  # no task ran
+    for k in ("dropout", "noise"):
+        assert json.dumps(again.results[k].table()) == json.dumps(first.results[k].table())  # NaN as NaN
+        assert again.results[k].correlations == first.results[k].correlations
+        assert again.results[k].options == first.results[k].options and again.results[k].inputs == inputs[k]
+        assert set(again.paths[k]) == set(first.paths[k]) and all(p.exists() for p in again.paths[k].values())
+    assert any("reused" in n for n in again.notes)
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and "cache" not in p.parts} == files  # nothing written again
+
+    # any change ranks again: the seed, an option, an image's bytes, a model file's bytes
+    for change in ({"seed": 1}, {"dropout_draw": "run"}, {"empty": "skip"}):
+        before = len(calls)
+        R.rank_bank(models, images, **{**args, **change})
+        assert len(calls) == before + n_pairs, change
+    R.rank_bank(models, images, **args)  # back to the first inputs: ranked again (the files were overwritten)
+    before = len(calls)
+    R.rank_bank(models, images, **args)
+    assert len(calls) == before  # and reused once more
+    tifffile.imwrite(images / "img1.tif", (blob_image(12) * 40000).astype(np.uint16))
+    R.rank_bank(models, images, **args)
+    assert len(calls) == before + n_pairs
+    before = len(calls)
+    save_cpnet(models / "alpha.pth", seed=5)
+    R.rank_bank(models, images, **args)
+    assert len(calls) == before + n_pairs
+    # without reuse (dqtool rank's default) a finished ranking is ranked again
+    before = len(calls)
+    R.rank_bank(models, images, **{**args, "reuse": False})
+    assert len(calls) == before + n_pairs

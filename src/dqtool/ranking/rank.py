@@ -20,6 +20,7 @@ values, Spearman and Kendall on ranks, each with a permutation-test p-value.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -100,6 +101,7 @@ class RankResult:
     timing: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # dropout_site, dropout_draw, empty
+    inputs: str = ""  # ranking_inputs' digest: what decides every number (written to rank.json when known)
 
     @property
     def ranked(self) -> list:
@@ -119,7 +121,7 @@ class RankResult:
                 "failed": [{"model": m.model, "error": m.error} for m in self.models if m.status != "ok"],
                 "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "notes": list(self.notes),
                 "ranking": [m.to_dict() for m in self.models], "correlations": self.correlations,
-                "timing": self.timing, **self.options}
+                "timing": self.timing, **self.options, **({"inputs": self.inputs} if self.inputs else {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,6 +526,7 @@ def rescore_empty(result: RankResult, empty: str) -> RankResult:
     out = _result(models, result.score, result.perturbation, result.strength, result.seed, result.skipped,
                   result.notes, True if labelled else None, result.timing)
     out.options = {**result.options, "empty": empty}
+    out.inputs = result.inputs  # the same passes and files: only the options differ
     return out
 
 
@@ -557,8 +560,29 @@ def read_ranking(folder: str | os.PathLike) -> RankResult:
     return RankResult(models=models, score=record["score"], perturbation=record["perturbation"],
                       strength=record["strength"], seed=record["seed"],
                       skipped=[(s["file"], s["reason"]) for s in record["skipped"]], notes=list(record["notes"]),
-                      correlations=record.get("correlations", []), timing=record.get("timing", {}),
-                      options=options)
+                      correlations=[{k: _nan(v) for k, v in c.items()} for c in record.get("correlations", [])],
+                      timing=record.get("timing", {}), options=options, inputs=record.get("inputs", ""))
+
+
+#: Part of :func:`ranking_inputs`: raise it when a change to the ranking's code would give other numbers from the
+#: same inputs, so that a ranking written by an older dqtool is not reused.
+RANKING_VERSION = 1
+
+
+def ranking_inputs(models: Sequence[tuple[str, str]], images: Sequence[tuple[str, str]],
+                   labels: Sequence[tuple[str, str] | None], settings: EvalSettings, perturbation: str,
+                   strength: float, seed: int, score: str) -> str:
+    """The digest (sha256 of a canonical JSON) of what decides a ranking's numbers besides its options (which
+    rank.json records by name: ``dropout_site``, ``dropout_draw``, ``empty``): each model's (file name, sha256)
+    in ranking order, each image's and label file's, the eval settings (their
+    :meth:`~dqtool.ranking.passes.EvalSettings.key` and the batch size, which groups the tiles that one dropout
+    draw covers under 'batch'), the perturbation, strength, seed, score and :data:`RANKING_VERSION`. Paths are
+    left out: the same files elsewhere are the same ranking."""
+    record = {"models": [list(m) for m in models], "images": [list(i) for i in images],
+              "labels": [None if lab is None else list(lab) for lab in labels],
+              "settings": {**settings.key(), "batch_size": settings.batch_size}, "perturbation": perturbation,
+              "strength": float(strength), "seed": int(seed), "score": score, "version": RANKING_VERSION}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,7 +751,7 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
               quiet: bool = True, cache: bool = True, builtin=None, dropout_site: str = DEFAULT_DROPOUT_SITE,
               dropout_draw: str = DEFAULT_DROPOUT_DRAW, empty: str = DEFAULT_EMPTY,
               cluster: Cluster | None = None, subfolders: bool = False,
-              cache_dir: str | os.PathLike | None = None) -> BankRanking:
+              cache_dir: str | os.PathLike | None = None, reuse: bool = False) -> BankRanking:
     """``dqtool rank``: rank every Cellpose model in ``models_dir`` on the unlabelled ``images``, once per
     perturbation in ``perturbations`` (``"dropout,noise"`` or a list), all from shared network passes.
 
@@ -754,6 +778,11 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     tasks (:func:`score_pair`) run on Dask workers, which read the models, images, labels and the
     outputs cache (a shared file system) and write nothing; this process writes the cache and the
     tables, the same bytes as the serial run (the default).
+
+    With ``out``, each rank.json records ``inputs`` (:func:`ranking_inputs`: a digest of the models', images' and
+    labels' bytes and the settings) beside the options. ``reuse`` (what a study's rerun does): when every perturbation's folder
+    already holds a finished ranking with the same ``inputs`` and options, it is read back (:func:`read_ranking`) and no
+    network pass runs; any difference, a missing or older file (no ``inputs``) ranks again.
     """
     t_start = time.perf_counter()
     kinds = parse_perturbations(perturbations)
@@ -780,19 +809,36 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
         truth, label_notes = _read_truth(labels, files, targets)
         notes += label_notes
     settings = EvalSettings(diameter=diameter, batch_size=batch_size)
+    options = {"dropout_site": dropout_site, "dropout_draw": dropout_draw, "empty": empty}
+    folders = {k: Path(out) if len(kinds) == 1 and not subfolders else Path(out) / k for k in kinds} if out else {}
     store = None
+    label_files = _label_files(labels, files) if truth is not None else [None] * len(files)
+    image_shas = [file_sha256(f) for f in files] if out is not None else [""] * len(files)
+    model_shas = [_file_sha(path) for path in model_files] if out is not None else [""] * len(model_files)
+    inputs = {}
+    if out is not None:
+        named = [(Path(f).name, sha) for f, sha in zip(model_files, model_shas)]
+        named_images = [(Path(f).name, sha) for f, sha in zip(files, image_shas)]
+        named_labels = [None if f is None else (Path(f).name, file_sha256(f)) for f in label_files]
+        inputs = {k: ranking_inputs(named, named_images, named_labels, settings, k, strengths[k], seed, score)
+                  for k in kinds}
+        if reuse:
+            done = _finished_rankings(folders, inputs, options)
+            if done is not None:
+                return BankRanking(results=done, notes=[f"reused the finished ranking in {folders[k]} (same inputs)"
+                                                        for k in kinds],
+                                   timing={"total_s": time.perf_counter() - t_start},
+                                   paths={k: r.paths for k, r in done.items()})
     if cache and out is not None:
         store = OutputsCache(Path(cache_dir) if cache_dir is not None else Path(out) / "cache", settings.key())
-        image_shas = [file_sha256(f) for f in files]
     else:
         image_shas = [""] * len(files)
 
     # one task per (model, image), every perturbation included (score_pair), in this order: the results
     # come back in it, serially or from Dask workers, so the tables are the same bytes either way
-    label_files = _label_files(labels, files) if truth is not None else [None] * len(files)
     pairs = []
-    for path in model_files:
-        model_sha = "" if store is None else _file_sha(path)
+    for path, sha in zip(model_files, model_shas):
+        model_sha = "" if store is None else sha
         pairs += [RankPair(model=_absolute(path), image=_absolute(f), index=i, perturbations=tuple(strengths.items()),
                            seed=seed, settings=settings, dropout_site=dropout_site, dropout_draw=dropout_draw,
                            label=None if label_files[i] is None else _absolute(label_files[i]),
@@ -840,13 +886,13 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
     timing = {"inference_s": inference, "total_s": time.perf_counter() - t_start}
     per_kind = {k: apply_empty_rule(per_kind[k], score, empty) for k in kinds}  # needs the whole bank
     results = {k: _result(per_kind[k], score, k, strengths[k], seed, skipped, notes, truth, timing) for k in kinds}
-    for result in results.values():
-        result.options = {"dropout_site": dropout_site, "dropout_draw": dropout_draw, "empty": empty}
+    for k, result in results.items():
+        result.options = dict(options)
+        result.inputs = inputs.get(k, "")
     bank = BankRanking(results=results, notes=notes, timing=timing, cache={} if store is None else store.to_dict())
     if out is not None:
         for k, result in results.items():
-            folder = Path(out) if len(kinds) == 1 and not subfolders else Path(out) / k
-            result.paths = write_outputs(result, folder, [f.name for f in files])
+            result.paths = write_outputs(result, folders[k], [f.name for f in files])
             bank.paths[k] = result.paths
         total = time.perf_counter() - t_start
         for k, result in results.items():
@@ -854,6 +900,32 @@ def rank_bank(models_dir: str | os.PathLike, images: str | os.PathLike, labels: 
             write_json(result.paths["rank_json"], result.to_dict())
     bank.timing["total_s"] = time.perf_counter() - t_start
     return bank
+
+
+def _finished_rankings(folders: dict, inputs: dict, options: dict) -> dict | None:
+    """Each perturbation's finished ranking in ``folders`` when every one has the ``inputs`` digest and the
+    ``options`` asked for (read back with its files' paths), else None."""
+    done = {}
+    for k, folder in folders.items():
+        try:
+            record = json.loads((folder / "rank.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("inputs") != inputs[k] or any(record.get(o) != v for o, v in options.items()):
+            return None
+        done[k] = read_ranking(folder)
+        done[k].paths = _output_paths(folder)
+    return done
+
+
+def _output_paths(folder: Path) -> dict:
+    """The paths :func:`write_outputs` returns, for the files of a finished ranking in ``folder``."""
+    paths = {f"{stem}_{ext}": folder / f"{stem}.{ext}" for stem in ("ranking", "per_image", "validation")
+             for ext in ("csv", "md", "json") if (folder / f"{stem}.{ext}").exists()}
+    paths["rank_json"] = folder / "rank.json"
+    if (folder / "ranking.png").exists():
+        paths["plot"] = folder / "ranking.png"
+    return paths
 
 
 def _result(models: list, score, perturbation, strength, seed, skipped, notes, truth, timing) -> RankResult:

@@ -303,7 +303,8 @@ def rank_target(out: Path, images: Path, labels: Path, target: str, members: lis
     """Rank the bank ``out/bank`` on ``images`` with every perturbation in one :func:`rank_bank` run (one
     unperturbed pass per model and image shared by all; ``out/rank/<perturbation>/``, the cache in
     ``out/rank/cache/``), validated with ``labels`` (a folder, or a split file as ``images`` may be too), and
-    write the study's tables.
+    write the study's tables. A ranking already written there from the same bank, images and options is read
+    back, not computed again (``rank_bank(reuse=True)``: a rerun after a kill resumes after the ranking).
 
     Per model: F1 at IoU 0.5, mean accuracy over 0.5:0.95 and, per perturbation, its rank and median scores
     (``study.*``, best F1 first, ``f1_rank`` with ties sharing the best rank); per perturbation and
@@ -312,7 +313,7 @@ def rank_target(out: Path, images: Path, labels: Path, target: str, members: lis
     """
     # one ranking run for every perturbation: one unperturbed pass per model and image, shared
     bank = rank_bank(out / "bank", images, labels=labels, perturbations=list(perturbations), out=out / "rank",
-                     seed=seed, quiet=quiet, subfolders=True, **(options or {}),
+                     seed=seed, quiet=quiet, subfolders=True, reuse=True, **(options or {}),
                      **({"cluster": cluster} if cluster is not None and cluster.active else {}))
     kill_point("rank-study:ranked")  # tests: the rankings written, the study tables not yet
     results = bank.results

@@ -91,7 +91,7 @@ def run_variants(variants: list[dict], out: Path, images, labels, seed: int, bas
         else:
             results = rank_bank(out / "bank", images, labels=labels, perturbations=v["perturbations"],
                                 out=out / "variants" / v["name"],
-                                seed=seed, quiet=quiet, subfolders=True, cache_dir=out / "rank" / "cache",
+                                seed=seed, quiet=quiet, subfolders=True, cache_dir=out / "rank" / "cache", reuse=True,
                                 **options, **({"cluster": cluster} if cluster is not None and cluster.active else {})
                                 ).results
             computed.setdefault(_pass_key(options), {}).update(results)
