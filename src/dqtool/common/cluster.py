@@ -57,7 +57,12 @@ SETTINGS = {"distributed.scheduler.allowed-failures": RETRIES + 1,
             # mmap threshold: every large torch tensor is then a fresh mmap + page faults. Measured on the 2-core
             # VM: an embedding chunk of 64 patches took 2.75 CPU s on a worker, 2.03 s in the client, 2.35 s
             # on a worker without it (the rest: two busy processes sharing two cores' caches)
-            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+            # single-threaded workers (Dask sets OMP/MKL/OPENBLAS to 1, not numba's own pool): a parallel numba
+            # kernel (the batched consistency scores) would start one thread per core in every worker, and
+            # their spinning took the cores from the other workers' Cellpose passes. Measured on the 2-core VM,
+            # `dqtool rank` of the demo bank (4 models x 6 images) on 2 workers: 174 s, against 136 s on 1
+            "distributed.nanny.pre-spawn-environ.NUMBA_NUM_THREADS": 1}
 
 
 @dataclass(frozen=True)
