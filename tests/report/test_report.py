@@ -149,3 +149,64 @@ def test_report_cli_prints_the_page_path(run, tmp_path):
     assert res.output.strip() == str(tmp_path / "report.html")
     res = CliRunner().invoke(cli, ["report", str(tmp_path / "nope")])
     assert res.exit_code == 2
+
+
+def test_outlines_come_from_the_rankings_cache_and_equal_what_segment_gives(tmp_path, monkeypatch):
+    """The report reads the best and worst models' masks from the ranking's outputs cache (no second Cellpose
+    run); they are the masks :func:`segment` gives on the same image. Another model file, or a cache written
+    under other eval settings, is not used."""
+    import shutil
+
+    import torch
+    from cellpose.resnet_torch import CPnet
+
+    from dqtool.data.io import read_image
+    from dqtool.ranking import rank as R
+    from dqtool.report import page
+    from dqtool.segmentation.predict import load_model, segment
+
+    models, images = tmp_path / "models", tmp_path / "images"
+    models.mkdir()
+    images.mkdir()
+    torch.manual_seed(3)
+    net = CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False).eval()
+    with torch.no_grad():  # cellprob centred on 0: objects in about half the pixels
+        net.output[2].bias[2] -= net(torch.rand(1, 2, 64, 64))[0][0, 2].median()
+    torch.save(net.state_dict(), models / "m")
+    for i in range(2):
+        tifffile.imwrite(images / f"t{i}.tif", (blob_image(20 + i) * 40000).astype(np.uint16))
+    R.rank_bank(models, images, out=tmp_path / "rank")
+    cache = [tmp_path / "rank" / "cache"]
+    want = [segment(load_model(models / "m"), read_image(f)) for f in sorted(images.glob("*.tif"))]
+    got = [page.ranked_masks(models / "m", f, cache) for f in sorted(images.glob("*.tif"))]
+    for g, w in zip(got, want):  # (a random network finds no object: same shape, dtype and zeros)
+        assert g is not None and g.shape == w.shape and np.array_equal(g, w)
+    # a cache entry with objects under the same key: its masks are what the page shows
+    from dqtool.common.files import file_sha256
+    from dqtool.ranking.outputs_cache import OutputsCache
+    from dqtool.ranking.passes import EvalSettings, Prediction
+
+    first = sorted(images.glob("*.tif"))[0]
+    objects = (blob_image(20) > 0.5).astype(np.uint16)
+    OutputsCache(cache[0], EvalSettings().key()).store(file_sha256(models / "m"), file_sha256(first), Prediction(
+        objects, np.zeros((2, *objects.shape), np.float32), np.zeros(objects.shape, np.float32)))
+    assert np.array_equal(page.ranked_masks(models / "m", first, cache), objects)
+
+    def no_cellpose(*a, **k):
+        raise AssertionError("segmented again although the ranking's cache holds the masks")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("dqtool.segmentation.predict"), "segment", no_cellpose)
+    png = page.outlines_figure([str(models / "m")], ["best"], sorted(images.glob("*.tif")), [None, None],
+                               cache_dirs=cache)
+    assert png.startswith(b"\x89PNG")
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    shutil.copy(models / "m", other)
+    with open(other, "ab") as fh:  # another file (another sha256): not this model's masks
+        fh.write(b"\0")
+    assert page.ranked_masks(other, sorted(images.glob("*.tif"))[0], cache) is None
+    assert page.ranked_masks(models / "m", sorted(images.glob("*.tif"))[0], [tmp_path / "nowhere"]) is None
+    R.rank_bank(models, images, out=tmp_path / "rank_d", diameter=17.0)  # other eval settings: not the defaults
+    assert page.ranked_masks(models / "m", sorted(images.glob("*.tif"))[0], [tmp_path / "rank_d" / "cache"]) is None

@@ -34,6 +34,7 @@ from dqtool.report.contents import (
     Text,
     data_section,
     existing,
+    find_rankings,
     images_of_ranking,
     ranked_models,
     ranking_section,
@@ -96,9 +97,33 @@ def _outlined(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def ranked_masks(model: str | os.PathLike, image: Path, cache_dirs: list[Path]) -> np.ndarray | None:
+    """The masks a ranking already computed for ``model`` on ``image`` (its unperturbed pass, in the ranking's
+    outputs cache), or None: found only under the key of Cellpose's default eval settings at the model's own
+    diameter, the settings :func:`dqtool.segmentation.predict.segment` uses, so the outlines are the same
+    pixels either way; the cache checks the model's and the image's sha256 and the settings."""
+    from dqtool.common.files import file_sha256
+    from dqtool.ranking.outputs_cache import OutputsCache
+    from dqtool.ranking.passes import EvalSettings
+
+    folders = [d for d in cache_dirs if d.is_dir()]
+    if not folders:
+        return None
+    try:
+        model_sha, image_sha = file_sha256(model), file_sha256(image)
+    except OSError:
+        return None
+    for folder in folders:
+        pred = OutputsCache(folder, EvalSettings().key()).load(model_sha, image_sha, str(image))
+        if pred is not None:
+            return np.asarray(pred.masks)
+    return None
+
+
 def outlines_figure(model_paths: list[str], titles: list[str], image_files: list[Path],
-                    truth: list[np.ndarray | None], quiet: bool = True) -> bytes:
-    """Rows: images; columns: the truth (when known), then each model's predicted outlines."""
+                    truth: list[np.ndarray | None], quiet: bool = True, cache_dirs: list[Path] = ()) -> bytes:
+    """Rows: images; columns: the truth (when known), then each model's predicted outlines (read from a
+    ranking's outputs cache in ``cache_dirs`` where it holds them, else segmented here)."""
     from dqtool.common.figures import pyplot
     from dqtool.common.progress import progress
     from dqtool.data.io import read_image
@@ -107,8 +132,11 @@ def outlines_figure(model_paths: list[str], titles: list[str], image_files: list
     images = [read_image(f) for f in image_files]
     preds = []
     for path in progress(model_paths, desc="report: outlines", quiet=quiet, unit="model"):
-        model = load_model(path)
-        preds.append([segment(model, img) for img in images])
+        found = [ranked_masks(path, f, cache_dirs) for f in image_files]
+        if any(m is None for m in found):
+            model = load_model(path)
+            found = [segment(model, img) if m is None else m for m, img in zip(found, images)]
+        preds.append(found)
     show_truth = any(t is not None for t in truth)
     cols = len(model_paths) + int(show_truth)
     plt = pyplot()
@@ -156,7 +184,8 @@ def outlines_section(run: Path, rankings: list[dict], images: str | os.PathLike 
         truth.append(read_labels(p) if p is not None else None)
     picks = [ranked[0]] + ([ranked[-1]] if len(ranked) > 1 else [])
     titles = [f"best: {Path(picks[0]).name}"] + ([f"worst: {Path(picks[1]).name}"] if len(picks) > 1 else [])
-    png = outlines_figure(picks, titles, files, truth, quiet=quiet)
+    caches = [p.parent / "cache" for p in find_rankings(run)] + [p.parent.parent / "cache" for p in find_rankings(run)]
+    png = outlines_figure(picks, titles, files, truth, quiet=quiet, cache_dirs=list(dict.fromkeys(caches)))
     sec.blocks.append(Text(f"{len(files)} images of {folder}; yellow: object outlines (the truth from the labels, "
                            "then each model's prediction at its own training diameter)."))
     sec.blocks.append(Figure("outlines.png", png, "Truth, best and worst ranked model on the same images"))
