@@ -184,8 +184,8 @@ def outlines_section(run: Path, rankings: list[dict], images: str | os.PathLike 
         truth.append(read_labels(p) if p is not None else None)
     picks = [ranked[0]] + ([ranked[-1]] if len(ranked) > 1 else [])
     titles = [f"best: {Path(picks[0]).name}"] + ([f"worst: {Path(picks[1]).name}"] if len(picks) > 1 else [])
-    caches = [p.parent / "cache" for p in find_rankings(run)] + [p.parent.parent / "cache" for p in find_rankings(run)]
-    png = outlines_figure(picks, titles, files, truth, quiet=quiet, cache_dirs=list(dict.fromkeys(caches)))
+    caches = [p.parent / "cache" for p in find_rankings(run)]  # each ranking's cache of unperturbed predictions
+    png = outlines_figure(picks, titles, files, truth, quiet=quiet, cache_dirs=caches)
     sec.blocks.append(Text(f"{len(files)} images of {folder}; yellow: object outlines (the truth from the labels, "
                            "then each model's prediction at its own training diameter)."))
     sec.blocks.append(Figure("outlines.png", png, "Truth, best and worst ranked model on the same images"))
