@@ -135,7 +135,7 @@ _TRAINING_FIELDS = {"channels": "channels", "sgd": "sgd", "learning_rate": "lear
                     "weight_decay": "weight_decay", "epochs": "n_epochs", "save_every": "save_every",
                     "bsize": "bsize", "batch_size": "batch_size", "nimg_per_epoch": "nimg_per_epoch",
                     "seed": "seed", "min_train_masks": "min_train_masks", "engine": "engine",
-                    "retain": "retain", "retain_weight": "retain_weight"}
+                    "retain": "retain", "retain_weight": "retain_weight", "onednn": "onednn"}
 
 
 def training_options(func):
@@ -174,6 +174,9 @@ def training_options(func):
                           "lwf matches its outputs on the new patches."),
         click.option("--retain-weight", type=float, default=None,
                      help="W of the --retain term [default: 0.01 for l2sp, 1 for lwf]."),
+        click.option("--onednn", is_flag=True,
+                     help="On the CPU, train with oneDNN's convolutions: ~1.6x faster a step on one thread, but the "
+                          "weights then depend on the number of torch threads (set OMP_NUM_THREADS to repeat a run)."),
         click.option("--engine", type=LazyChoice("dqtool.segmentation.train:ENGINES"), default="dqtool",
                      show_default=True,
                      help="dqtool: train_seg's loop step for step (progress, resume, seeds); train_seg: "

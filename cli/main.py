@@ -13,7 +13,7 @@ import importlib
 import click
 from click.formatting import HelpFormatter
 
-from dqtool import __version__
+from dqtool._version import __version__
 
 from .common import Context
 

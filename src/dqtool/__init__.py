@@ -5,4 +5,8 @@ data, patches, cache, features, selection, training, evaluation, ranking) -> ``d
 (compute kernels that know nothing of files, the CLI or Cellpose).
 """
 
-__version__ = "0.1.0"
+from dqtool._version import __version__  # noqa: F401
+
+from dqtool import numba_cache as _numba_cache
+
+_numba_cache.install()  # numba's on-disk cache for Cellpose's kernels, armed for its first import (see the module)

@@ -346,3 +346,38 @@ def test_cli_train_and_errors(cache, tmp_path):
     assert res.exit_code == 1 and "model not found" in res.output
     res = runner.invoke(cli, ["train", str(cache), "--out", str(tmp_path / "x"), "--channels", "5,0"])
     assert res.exit_code == 2
+
+
+def test_onednn_is_a_recorded_opt_in_that_switches_torchs_cpu_convolutions(cache, tmp_path, monkeypatch):
+    """``onednn`` is off by default and then stays out of the record (identities of older runs unchanged); the
+    training runs with torch's oneDNN backend exactly as asked, and the caller's setting is restored."""
+    import importlib
+
+    T = importlib.import_module("dqtool.segmentation.train")
+    assert "onednn" not in TrainConfig().to_dict() and TrainConfig(onednn=True).to_dict()["onednn"] is True
+    seen, real = [], T.run_epochs
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "run_epochs", recording)
+    before = torch.backends.mkldnn.enabled
+    a = train(cache, tmp_path / "a", config=TrainConfig(n_epochs=2, onednn=True, **TINY), quiet=True)
+    b = train(cache, tmp_path / "b", config=TrainConfig(n_epochs=2, onednn=True, **TINY), quiet=True)
+    native = train(cache, tmp_path / "n", config=TrainConfig(n_epochs=2, **TINY), quiet=True)
+    assert seen == [True, True, False] and torch.backends.mkldnn.enabled == before
+    assert json.loads(sidecar_paths(tmp_path / "a")["json"].read_text())["config"]["onednn"] is True
+    assert "onednn" not in json.loads(sidecar_paths(tmp_path / "n")["json"].read_text())["config"]
+    sa, sb = load_state_dict(tmp_path / "a"), load_state_dict(tmp_path / "b")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same threads, same seed: same weights
+    assert a.train_losses == b.train_losses and len(native.train_losses) == 2
+    # a model trained one way is not taken for the other's
+    with pytest.raises(InputError):
+        train(cache, tmp_path / "a", config=TrainConfig(n_epochs=2, **TINY), quiet=True)
+    from dqtool_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["train", str(cache), "--out", str(tmp_path / "cli"), "--epochs", "2", "--bsize",
+                                   "32", "--batch-size", "4", "--min-train-masks", "1", "--onednn", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(sidecar_paths(tmp_path / "cli")["json"].read_text())["config"]["onednn"] is True

@@ -184,7 +184,7 @@ def folder_marker(folder: str | os.PathLike) -> dict | None:
 
 def marker_text(command: str, **extra) -> str:
     """The text of :data:`MARKER` for a folder written by ``dqtool <command>``."""
-    from dqtool import __version__
+    from dqtool._version import __version__
 
     return json.dumps({"command": command, "dqtool_version": __version__, **extra}, indent=1, sort_keys=True) + "\n"
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from dqtool import __version__
+from dqtool._version import __version__
 from dqtool.common.cluster import connect
 from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from dqtool import __version__
+from dqtool._version import __version__
 from dqtool.data.io import write_image_png
 from dqtool.common.errors import InputError
 from dqtool.common.files import atomic_write_text, file_sha256

@@ -124,7 +124,7 @@ def build_description(model: str | os.PathLike, work: str | os.PathLike, options
     from cellpose import export as cp_export
     from cellpose import resnet_torch
 
-    from dqtool import __version__
+    from dqtool._version import __version__
 
     load_state_dict(model)  # a clear error for a file that is not a Cellpose 3 model
     model = Path(model).resolve()

@@ -13,7 +13,8 @@ What dqtool adds (the Cellpose traps of REFERENCE.md section 6):
 * seeding: torch is seeded before the network is built; numpy is seeded per epoch with
   ``epoch_seed(seed, epoch)`` (seed 0 reproduces ``train_seg``'s ``np.random.seed(epoch)``); the caller's
   global numpy / torch RNG states are restored afterwards;
-* MKL-DNN is off while training on the CPU;
+* MKL-DNN is off while training on the CPU (the network's MKL-DNN layout always; torch's oneDNN convolutions
+  unless ``onednn=True``, faster but not the same bytes on another number of threads);
 * model paths are checked before Cellpose sees them (a missing path would make Cellpose download
   cyto3), passed as ``str``, and builtin names are refused: nothing here downloads;
 * labels are renumbered on copies; the patches ``min_train_masks`` drops are counted and reported;
@@ -88,6 +89,7 @@ class TrainConfig:
     engine: str = "dqtool"
     retain: str = "none"
     retain_weight: float | None = None
+    onednn: bool = False
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -126,6 +128,8 @@ class TrainConfig:
             del d["engine"]
         if d["retain"] == "none":  # likewise
             del d["retain"], d["retain_weight"]
+        if not d["onednn"]:  # likewise
+            del d["onednn"]
         return d
 
 
@@ -213,12 +217,20 @@ def _read_resume(resume_file: Path, identity) -> dict:
 
 
 @contextlib.contextmanager
-def _mkldnn_off():
+def _cpu_convolutions(onednn: bool):
+    """torch's native CPU convolutions while training (``onednn=False``), or oneDNN's (``onednn=True``).
+
+    The network's own ``mkldnn`` attribute (Cellpose's MKL-DNN tensor layout) is off either way. The switch here
+    is the backend torch uses for dense tensors. Measured on the 2-core VM, one SGD step of 8 crops of 64 px
+    on one thread: native 1.41 s, oneDNN 0.87 s. The native path gives the same weights on any number of
+    torch threads (1 or 2 threads: same bytes); oneDNN's do not (its reductions split by thread), so it is
+    opt-in (``--onednn``), for runs that fix the thread count (the demo runs every training on one thread).
+    """
     import torch
 
     from dqtool.common.notices import known_notices_hidden
 
-    with known_notices_hidden(), torch.backends.mkldnn.flags(enabled=False):
+    with known_notices_hidden(), torch.backends.mkldnn.flags(enabled=bool(onednn)):
         yield
 
 
@@ -543,7 +555,7 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
         if resume and resume_file.exists():
             _say(f"{out}: engine train_seg cannot resume (train_seg always starts at epoch 0); training from the "
                  "start", quiet)
-        with _rng_scope(config.seed), _mkldnn_off():
+        with _rng_scope(config.seed), _cpu_convolutions(config.onednn):
             net = build_net(init)
             losses, lrs = _train_with_train_seg(net, images, labels, out, paths, config, quiet)
             diam_labels = float(net.diam_labels.item())
@@ -555,7 +567,7 @@ def _train_patches(images, labels, out: Path, config: TrainConfig, init, provena
         write_json(paths["json"], {**record, **result.to_dict(), "identity": identity})
         return result
 
-    with _rng_scope(config.seed), _mkldnn_off():
+    with _rng_scope(config.seed), _cpu_convolutions(config.onednn):
         net = build_net(init)
         optimizer = _optimizer(net, config)
         retention = None if config.retain == "none" else Retention(config.retain, config.retain_w, init)
