@@ -10,6 +10,8 @@
 - ``test_coverage_vs_cdist``: the fused distance + row-min against torch.cdist(...).min(1).
 - ``test_bins_multiinst_size`` (only with DQTOOL_BENCH_LARGE=1): N = 128,458 (the paper's MultiInst count),
   D = 768, default path; reports time and peak memory (target: completes within 8 GB).
+- ``test_bins_million`` (only with DQTOOL_BENCH_1M=1): N = 1,000,000, D = 768 float32 (2.9 GiB), default path
+  (targets: <= 5 min, peak <= 8 GB), peak against the features' own size.
 - ``test_bins_search_vs_gram``: the exact pruned search (the default CPU path) against the Gram path in the
   same run, N = 10,063, D = 768, paper gain, seeded clustered and isotropic float32 features: identical
   bins, the ratio (target: search <= 0.2 s) and the candidates touched per pick.
@@ -51,12 +53,17 @@ def tick(k):
         print(f"{done[0]} / {n} picks, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 form_bins(np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32), 2)  # compile / load numba cache
-x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+if n > 200_000:  # drawn in float32 (a float64 draw would double the peak this run measures)
+    x = np.random.default_rng(0).standard_normal(size=(n, d), dtype=np.float32)
+else:
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+features_gb = x.nbytes / 2**30
 start = time.perf_counter()
 bins, path = form_bins(x, 10, "paper", memory=None if memory == "default" else int(memory),
                        progress=tick if n > 50000 else None)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "path": path, "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({"seconds": seconds, "path": path, "features_gb": features_gb,
+                  "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "sizes": [len(b) for b in bins]}))
 """
 
@@ -86,6 +93,22 @@ def test_bins_multiinst_size(benchmark):
                                 bins_seconds=round(results[0]["seconds"], 1),
                                 max_rss_gb=round(results[0]["max_rss_gb"], 3))
     assert results[0]["max_rss_gb"] <= 8
+
+
+@pytest.mark.skipif(os.environ.get("DQTOOL_BENCH_1M") != "1", reason="set DQTOOL_BENCH_1M=1 (3 GB of features)")
+def test_bins_million(benchmark):
+    """N = 1,000,000, D = 768 float32 features (2.9 GiB), B = 10, isotropic Gaussian (the search's hardest case
+    measured: the most candidates touched per pick). Targets (issue 12): <= 5 min, peak <= 8 GB; the process's
+    peak (max RSS, the interpreter and numpy included) against the features' own size is reported."""
+    results = []
+    benchmark.pedantic(lambda: results.append(_form_bins_in_child(1_000_000)), rounds=1, iterations=1)
+    r = results[0]
+    benchmark.extra_info.update(n=1_000_000, d=768, path=r["path"], bins_seconds=round(r["seconds"], 1),
+                                features_gb=round(r["features_gb"], 3), max_rss_gb=round(r["max_rss_gb"], 3),
+                                peak_over_features=round(r["max_rss_gb"] / r["features_gb"], 3))
+    print(f"\nN = 1,000,000: {r['seconds']:.1f} s, peak {r['max_rss_gb']:.2f} GiB for {r['features_gb']:.2f} GiB "
+          f"of features ({r['path']})")
+    assert r["sizes"] == bin_sizes(1_000_000, 10).tolist()
 
 
 # ----------------------------------------------------------------------------------------------

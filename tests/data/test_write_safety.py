@@ -218,6 +218,52 @@ def test_a_reader_waits_for_a_writers_hdf5_lock_and_then_reads(tmp_path):
         writer.wait()
 
 
+_READER = ("import h5py, pathlib, sys\nf = h5py.File(sys.argv[1], 'r')\nprint('open', flush=True)\n"
+           "sys.stdin.readline()\npathlib.Path(sys.argv[2]).write_text('closing')\nf.close()\n")
+
+
+def test_a_writer_waits_for_a_readers_hdf5_lock_and_then_writes(tmp_path, monkeypatch):
+    """A derived group written (``embed``/``select``) while another process reads the cache (a training loading
+    its patches): libhdf5 refuses the write then; the writer waits for the reader, then writes; a reader that
+    never lets go gives one line after LOCK_WAIT_S, and the cache is as it was."""
+    import threading
+
+    import dqtool.data.cache as C
+
+    cache = noise_cache(tmp_path / "c.h5")
+    marker = tmp_path / "closing"
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(cache), str(marker)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        with pytest.raises(OSError):  # the lock is real: a plain open for writing fails while the reader holds it
+            h5py.File(cache, "r+").close()
+        release = threading.Timer(1.0, lambda: (reader.stdin.write("go\n"), reader.stdin.flush()))
+        release.start()
+        with PatchCache(cache) as pc:
+            pc.write_group("waited", {"x": np.arange(3)})
+            assert marker.exists()  # it could only write once the reader had let go
+            np.testing.assert_array_equal(pc.read_group("waited")[0]["x"], np.arange(3))
+        release.join()
+    finally:
+        reader.kill()
+        reader.wait()
+    monkeypatch.setattr(C, "LOCK_WAIT_S", 0.5)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(cache), str(tmp_path / "never")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # holds until killed
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        with PatchCache(cache) as pc:
+            with pytest.raises(InputError, match="held open by another process") as err:
+                pc.write_group("late", {"x": np.arange(2)})
+            assert str(cache) in str(err.value) and "\n" not in str(err.value)
+            assert pc.group_names() == ["waited"]
+            np.testing.assert_array_equal(pc.read_group("waited")[0]["x"], np.arange(3))
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 def test_a_reader_gives_up_on_a_lock_held_too_long_with_one_line(tmp_path, monkeypatch):
     import dqtool.data.cache as C
 

@@ -105,23 +105,30 @@ def _locked(exc: OSError) -> bool:
                                                            and f"errno = {errno.EAGAIN}," in str(exc))
 
 
-def open_for_reading(path: Path, wait_s: float | None = None) -> h5py.File:
-    """``h5py.File(path, "r")``, waiting up to ``wait_s`` (default :data:`LOCK_WAIT_S`) while another process
-    holds the file open for writing (libhdf5's file lock, held while ``embed``/``select`` write a derived
-    group): a reader keeps working through a write. Then, or for a file HDF5 cannot read, one line."""
+def _open_waiting(path: Path, mode: str, wait_s: float | None, **kwargs) -> h5py.File:
+    """``h5py.File(path, mode)``, retried every 0.2 s for up to ``wait_s`` (default :data:`LOCK_WAIT_S`) while
+    libhdf5's file lock says another process holds the file in a conflicting mode; then one line."""
     wait_s = LOCK_WAIT_S if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return h5py.File(path, "r")
+            return h5py.File(path, mode, **kwargs)
         except OSError as exc:
             if not _locked(exc):
                 raise InputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
             if time.monotonic() >= deadline:
-                raise InputError(f"{path}: held open for writing by another process for over {wait_s:g} s "
-                                 "(a dqtool write, or another HDF5 program); try again when it has finished") \
+                held = "for writing " if mode == "r" else ""
+                raise InputError(f"{path}: held open {held}by another process for over {wait_s:g} s "
+                                 "(a dqtool run, or another HDF5 program); try again when it has finished") \
                     from exc
             time.sleep(0.2)
+
+
+def open_for_reading(path: Path, wait_s: float | None = None) -> h5py.File:
+    """``h5py.File(path, "r")``, waiting up to ``wait_s`` (default :data:`LOCK_WAIT_S`) while another process
+    holds the file open for writing (libhdf5's file lock, held while ``embed``/``select`` write a derived
+    group): a reader keeps working through a write. Then, or for a file HDF5 cannot read, one line."""
+    return _open_waiting(path, "r", wait_s)
 
 
 class PatchCache:
@@ -391,7 +398,9 @@ class PatchCache:
         old_key = f"{parent}/.{leaf}.old-{os.getpid()}"
         self._h5.close()
         try:
-            with h5py.File(self.path, "r+", rdcc_nbytes=0) as h5:  # no chunk cache: see cache_build._write
+            # A writer waits too, while another process (a training loading its patches) has the file open for
+            # reading: libhdf5 refuses "r+" then. No chunk cache: see cache_build._write.
+            with _open_waiting(self.path, "r+", None, rdcc_nbytes=0) as h5:
                 grp_parent = h5.require_group(parent)
                 for k in list(grp_parent.keys()):  # leftovers of killed writers of this group
                     for tag in (".tmp-", ".old-"):
