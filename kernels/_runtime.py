@@ -7,8 +7,10 @@ kernels only when :func:`triton_available` is true, and every dispatch function 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 
 
 def triton_available() -> bool:
@@ -51,3 +53,23 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Keep torch's intra-op thread count across a numba ``parallel=True`` call.
+
+    numba's OpenMP threading layer, when it starts (once per process, at the first parallel kernel), sets the
+    OpenMP runtime's thread count to ``NUMBA_NUM_THREADS`` (the number of CPUs); torch shares that runtime, so
+    a process that had asked torch for one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``) ran
+    its networks on every core from then on. Measured on the 2-core VM: torch 1 thread -> 2 after one
+    parallel kernel; a serial ``rank`` under ``OMP_NUM_THREADS=1`` took 157 s wall for 299 CPU s. torch is
+    not imported here: only a process that already holds it is restored.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)

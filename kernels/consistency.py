@@ -44,7 +44,7 @@ import math
 import numba
 import numpy as np
 
-from ._runtime import cpu_count, pick_device, triton_available
+from ._runtime import cpu_count, pick_device, torch_threads_kept, triton_available
 
 __all__ = [
     "semantic_counts", "semantic_counts_reference", "semantic_counts_numba", "semantic_counts_triton",
@@ -128,7 +128,8 @@ def semantic_counts_numba(p_ref: np.ndarray, p_test: np.ndarray, ref_index: np.n
     ref_index = np.ascontiguousarray(ref_index, np.int64)
     b = p_test.shape[0]
     union, flips, agree = np.zeros(b, np.int64), np.zeros(b, np.int64), np.zeros(b, np.float64)
-    _semantic_numba(p_ref, p_test, ref_index, np.float32(threshold), union, flips, agree, 2048)
+    with torch_threads_kept():  # numba's OpenMP layer would leave torch on every core
+        _semantic_numba(p_ref, p_test, ref_index, np.float32(threshold), union, flips, agree, 2048)
     return union, flips, agree
 
 
