@@ -8,35 +8,29 @@ import sys
 
 import pytest
 
-_CHILD = """
+_SETUP = """
 import numpy as np, torch, numba
 torch.set_num_threads(1)
 assert torch.get_num_threads() == 1 and float((torch.ones(4) + 1).sum()) == 8  # torch's OpenMP in use first
+@numba.njit(parallel=True)
+def bare(x):
+    s = 0.0
+    for i in numba.prange(x.size):
+        s += x[i]
+    return s
+"""
+
+#: dqtool's kernel, then (numba's layer started already) a bare kernel, which changes nothing more either way.
+_CHILD = _SETUP + """
 from dqtool_kernels.consistency import semantic_counts_numba
-from dqtool_kernels._runtime import torch_threads_kept
 p = np.random.default_rng(0).random((2, 5000), dtype=np.float32)
 union, flips, agree = semantic_counts_numba(p, p[::-1].copy(), np.array([0, 1]))
 kept = torch.get_num_threads()
-@numba.njit(parallel=True)
-def bare(x):
-    s = 0.0
-    for i in numba.prange(x.size):
-        s += x[i]
-    return s
-bare(np.ones(8))  # numba has started its layer already: a later bare call changes nothing either way
+bare(np.ones(8))
 print(kept, numba.get_num_threads(), numba.threading_layer(), int(union.sum()))
 """
 
-_BARE = """
-import numpy as np, torch, numba
-torch.set_num_threads(1)
-assert torch.get_num_threads() == 1 and float((torch.ones(4) + 1).sum()) == 8  # torch's OpenMP in use first
-@numba.njit(parallel=True)
-def bare(x):
-    s = 0.0
-    for i in numba.prange(x.size):
-        s += x[i]
-    return s
+_BARE = _SETUP + """
 bare(np.ones(8))
 print(torch.get_num_threads(), numba.threading_layer())
 """
