@@ -476,7 +476,8 @@ def test_read_only_disk_is_one_line(tmp_path, small_disk):
 
 
 def test_a_cache_held_open_by_another_process_is_one_line(tmp_path):
-    """libhdf5 locks a file it has open; writing features into it then fails as one line, cache intact."""
+    """libhdf5 locks a file it has open; writing features into it waits DQTOOL_LOCK_WAIT_S for the reader, then
+    fails as one line, cache intact."""
     cache = _cache(tmp_path)
     _features(tmp_path, cache)
     holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r')\n"
@@ -486,8 +487,9 @@ def test_a_cache_held_open_by_another_process_is_one_line(tmp_path):
         assert holder.stdout.readline().strip() == "open"
         before = snapshot(tmp_path)
         np.save(tmp_path / "g.npy", np.load(tmp_path / "f.npy") + 1)
-        line = assert_one_line(run_dqtool(["embed", cache, "--features", tmp_path / "g.npy"], tmp_path), 1, [cache])
-        assert "locked by another process" in line
+        line = assert_one_line(run_dqtool(["embed", cache, "--features", tmp_path / "g.npy"], tmp_path,
+                                          env={"DQTOOL_LOCK_WAIT_S": "1"}), 1, [cache])
+        assert "held open by another process for over 1 s" in line
         after = snapshot(tmp_path)  # the lock file beside the cache now names the refused writer's pid
         assert all(after.get(k) == v for k, v in before.items() if not k.endswith(".lock"))
     finally:

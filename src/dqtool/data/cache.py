@@ -54,8 +54,9 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 DEFAULT_COMPRESSION = "gzip"  # level 1; chosen by benchmarks/bench_cache.py::test_codec_* (README, "Patch cache")
 _STR = h5py.string_dtype(encoding="utf-8")
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))  # inflation threads per open cache
-#: How long a reader waits for a writer's HDF5 file lock (a derived group being swapped in) before it gives up.
-LOCK_WAIT_S = 30.0
+#: How long a reader waits for a writer's HDF5 file lock (a derived group being swapped in), and a writer for
+#: the readers', before it gives up (seconds; ``DQTOOL_LOCK_WAIT_S`` in the environment sets it).
+LOCK_WAIT_S = float(os.environ.get("DQTOOL_LOCK_WAIT_S", "30"))
 
 try:  # libdeflate (via imagecodecs, a dependency) inflates ~2-3x faster than zlib; zlib is the fallback
     import imagecodecs as _imagecodecs
